@@ -1,0 +1,44 @@
+"""The audit trail: one JSON line per decision on the ``fdcs.audit`` logger.
+
+Fields: ``ts`` (epoch seconds), ``hook`` (request or response), ``rid``
+(request id: the client's ``X-Request-Id`` when sane, else generated),
+``tenant``, ``user``, ``method``, ``path`` (canonical when the request could
+be read, else the raw target cut to 300 characters), ``resource``,
+``allow``, ``reason`` (a short code: ok, admin, policy, not-owned,
+authentication, role, unsupported, bad-request, redis-unavailable, ...),
+``msg`` (the refusal as the tenant sees it) and ``us`` (microseconds spent).
+
+Never a token, a password or a body: the line is built only from the fields
+above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, Mapping
+
+log = logging.getLogger("fdcs.audit")
+
+
+def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str, str], resource: str,
+          result: Mapping[str, Any], reason: str, t0: float) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "ts": round(time.time(), 3),
+        "hook": hook,
+        "rid": rid,
+        "tenant": who.get("tenant", ""),
+        "user": who.get("user", ""),
+        "method": req.method if req else str(payload.get("RequestMethod", ""))[:10],
+        "path": req.path if req else str(payload.get("RequestUri", ""))[:300],
+        "resource": resource,
+        "allow": bool(result.get("Allow")),
+        "reason": reason,
+        "us": int((time.perf_counter() - t0) * 1e6),
+    }
+    if not result.get("Allow"):
+        line["msg"] = result.get("Msg", "")
+    log.info(json.dumps(line, separators=(",", ":")))

@@ -1,0 +1,222 @@
+"""Read an engine request the way the engine reads it, or refuse it.
+
+The plugin receives the raw ``RequestUri``; the engine routes on Go's decoded
+``URL.Path`` with gorilla/mux (which redirects, not serves, a path that is not
+clean), strips an optional ``/v<version>`` prefix, and reads query parameters
+with ``url.ParseQuery`` taking the *first* value of a key.  This module turns
+the plugin's view into a :class:`Request` with exactly those semantics, and
+refuses with :class:`BadRequest` whatever it cannot read with certainty:
+
+* a request target that is not origin-form (``/...``), or holds ``#``,
+  control characters or white space;
+* an invalid percent escape (Go answers 400), a decoded path that is not
+  clean (``//``, ``/./``, ``/../``, a trailing ``/``) or holds a NUL;
+* an API version that is not written canonically (``1.041``, ``1.41.0``),
+  below ``min_version`` or above ``max_version``; no version at all except for
+  ``/_ping`` and ``/version`` (clients probe those before negotiating);
+* a query with ``;`` (Go 1.17+ rejects it) or a bad escape;
+* a ``Content-Type`` that does not parse, or is a form type
+  (``application/x-www-form-urlencoded``, ``multipart/*``): Go's form parsing
+  would let body fields override query parameters.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Mapping
+
+from .errors import BadRequest
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE"})
+UNVERSIONED_OK = frozenset({"/_ping", "/version"})
+
+_VERSION_RE = re.compile(r"^/v([0-9.]+)(/.*)$")
+_CANONICAL_VERSION = re.compile(r"1\.(0|[1-9][0-9]{0,2})")
+_HEX = "0123456789abcdefABCDEF"
+
+
+def _unescape(s: str, query: bool) -> str:
+    """Go's url unescape: strict ``%XX``; ``+`` is a space only in a query."""
+    if "%" not in s and not (query and "+" in s):
+        return s
+    out = bytearray()
+    i = 0
+    raw = s.encode("utf-8")
+    n = len(raw)
+    while i < n:
+        c = raw[i]
+        if c == 0x25:  # %
+            if i + 2 >= n:
+                raise BadRequest("the request target holds an invalid percent escape")
+            h1, h2 = chr(raw[i + 1]), chr(raw[i + 2])
+            if h1 not in _HEX or h2 not in _HEX:
+                raise BadRequest("the request target holds an invalid percent escape")
+            out.append(int(h1 + h2, 16))
+            i += 3
+        elif c == 0x2B and query:  # +
+            out.append(0x20)
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    try:
+        return out.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("the request target does not decode to UTF-8") from None
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    major, minor = v.split(".")
+    return int(major), int(minor)
+
+
+class Headers(Mapping[str, str]):
+    """The engine's header map, read case-insensitively.
+
+    The engine flattens each header to its *last* value and drops
+    ``Authorization``, ``X-Registry-Auth`` and ``X-Registry-Config``.
+    """
+
+    def __init__(self, raw: Mapping[str, str] | None):
+        self._d = {str(k).lower(): str(v) for k, v in (raw or {}).items()}
+
+    def __getitem__(self, key: str) -> str:
+        return self._d[key.lower()]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._d
+
+
+@dataclass(frozen=True)
+class Request:
+    """A canonical engine request.
+
+    ``path`` is decoded and without its version prefix (``/containers/json``);
+    ``query`` keeps every pair in order; ``body`` is the JSON body the engine
+    forwarded (None when it forwarded none).
+    """
+
+    method: str
+    path: str
+    version: str | None
+    query: tuple[tuple[str, str], ...]
+    headers: Headers
+    body: bytes | None
+    raw_uri: str = ""
+    media_type: str = ""
+    _qcache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def q(self, key: str) -> str | None:
+        """The value the engine reads for ``key``: the first one."""
+        for k, v in self.query:
+            if k == key:
+                return v
+        return None
+
+    def qall(self, key: str) -> list[str]:
+        return [v for k, v in self.query if k == key]
+
+    @property
+    def is_write(self) -> bool:
+        return self.method not in ("GET", "HEAD")
+
+    def declared_body(self) -> bool:
+        """Whether the request carries a body, as far as the plugin can see.
+
+        A POST or PUT from every supported client carries ``Content-Length``
+        (``0`` when there is no body).  Go deletes ``Content-Length`` and
+        hides ``Transfer-Encoding`` for a chunked request, so a POST/PUT
+        without ``Content-Length`` is taken as carrying a body.
+        """
+        if self.body:
+            return True
+        cl = self.headers.get("Content-Length")
+        if cl is None:
+            return self.method in ("POST", "PUT")
+        return cl.strip() != "0"
+
+
+def _media_type(headers: Headers) -> str:
+    ct = headers.get("Content-Type")
+    if ct is None:
+        return ""
+    msg = Message()
+    msg["Content-Type"] = ct
+    mt = msg.get_content_type()
+    # email falls back to text/plain on a malformed value: detect that.
+    main = ct.split(";", 1)[0].strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", main) or mt != main:
+        raise BadRequest("the Content-Type header cannot be parsed")
+    if mt == "application/x-www-form-urlencoded" or mt.startswith("multipart/"):
+        raise BadRequest(f"form bodies ({mt}) are not accepted; send JSON")
+    return mt
+
+
+def parse(
+    method: str,
+    uri: str,
+    headers: Mapping[str, str] | None,
+    body_b64: str | None,
+    min_version: str = "1.40",
+    max_version: str = "1.41",
+) -> Request:
+    """Canonicalise one AuthZ request (raw fields of the plugin protocol)."""
+    if method not in METHODS:
+        raise BadRequest(f"method {method!r} is not supported")
+    if not uri.startswith("/") or uri.startswith("//"):
+        raise BadRequest("the request target must be a path starting with a single /")
+    if any(c in uri for c in "# \t\r\n\x00") or not uri.isprintable():
+        raise BadRequest("the request target holds characters the engine would not route")
+    raw_path, _, raw_query = uri.partition("?")
+    path = _unescape(raw_path, query=False)
+    if "\x00" in path or not path.isprintable():
+        raise BadRequest("the request path holds control characters")
+    if path != "/" and (path.endswith("/") or "//" in path or "/./" in path or "/../" in path
+                        or path.endswith("/.") or path.endswith("/..")):
+        raise BadRequest("the request path is not clean (//, /./, /../ or a trailing /)")
+
+    version = None
+    m = _VERSION_RE.match(path)
+    if m:
+        version, path = m.group(1), m.group(2)
+        if not _CANONICAL_VERSION.fullmatch(version):
+            raise BadRequest(f"API version {version!r} is not written canonically (e.g. v1.41)")
+        if _version_tuple(version) < _version_tuple(min_version):
+            raise BadRequest(f"API version {version} is too old; this service needs {min_version} or newer")
+        if _version_tuple(version) > _version_tuple(max_version):
+            raise BadRequest(f"API version {version} is too new; this service supports up to {max_version}")
+    elif path not in UNVERSIONED_OK:
+        raise BadRequest("the API version is missing from the path (e.g. /v1.41/...)")
+
+    if ";" in raw_query:
+        raise BadRequest("the query holds ';', which the engine refuses")
+    query = []
+    for part in raw_query.split("&") if raw_query else ():
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        query.append((_unescape(k, query=True), _unescape(v, query=True)))
+
+    hdrs = Headers(headers)
+    media_type = _media_type(hdrs)
+
+    body = None
+    if body_b64:
+        try:
+            body = base64.b64decode(body_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("the request body sent by the engine is not valid base64") from None
+    return Request(method=method, path=path, version=version, query=tuple(query), headers=hdrs,
+                   body=body, raw_uri=uri, media_type=media_type)

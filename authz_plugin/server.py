@@ -1,0 +1,85 @@
+"""``fdcs-authz``: serve the plugin with gunicorn on the engine's plugin socket.
+
+    fdcs-authz [--config FILE] [--check] [--help-config]
+
+The configuration is validated before anything starts (``--check`` stops
+there).  gunicorn runs the ``gthread`` worker, which keeps the engine's
+connections alive between calls, on ``unix:<plugin.socket>`` with a
+root-only socket (umask 077).  Under systemd socket activation
+(``fdcs-authz.socket``) gunicorn takes the listening socket from
+``LISTEN_FDS`` instead of binding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import DEFAULT_PATH, load, reference
+from .errors import ConfigError
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fdcs-authz", description="FDCS Docker authorization plugin")
+    ap.add_argument("--config", default=os.environ.get("FDCS_CONFIG", DEFAULT_PATH), help="TOML configuration file")
+    ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    ap.add_argument("--help-config", action="store_true", help="print every option and exit")
+    args = ap.parse_args(argv)
+    if args.help_config:
+        print(reference())
+        return 0
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"fdcs-authz: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"fdcs-authz: configuration {args.config} is valid")
+        return 0
+    _logging(cfg["plugin.log_level"])
+
+    from gunicorn.app.base import BaseApplication
+
+    from .app import create_app
+
+    socket = cfg.plugin_socket
+    os.makedirs(os.path.dirname(socket), exist_ok=True)
+
+    class _App(BaseApplication):
+        def load_config(self):
+            opts = {
+                "bind": [f"unix:{socket}"],
+                "workers": cfg["plugin.workers"],
+                "worker_class": "gthread",
+                "threads": cfg["plugin.threads"],
+                "keepalive": 300,
+                "timeout": 60,
+                "graceful_timeout": 10,
+                "umask": 0o077,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": cfg["plugin.log_level"],
+                "proc_name": f"fdcs-authz:{cfg['plugin.name']}",
+            }
+            for k, v in opts.items():
+                self.cfg.set(k, v)
+
+        def load(self):
+            return create_app(cfg)
+
+    _App().run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

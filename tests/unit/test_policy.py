@@ -1,0 +1,432 @@
+"""The authorizer end to end on fakes: identity, fakeredis, engine payloads."""
+
+import copy
+
+import pytest
+
+from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL
+
+from .conftest import TA, TB, payload
+
+V = "/v1.41"
+CID = "c0ffee" + "0" * 58
+CID_B = "c0ffef" + "1" * 58
+NID = "ab12" + "2" * 60
+
+
+def good(tenant=TA, **hc):
+    body = {"Image": "busybox", "Labels": {TENANT_LABEL: tenant},
+            "HostConfig": {"NetworkMode": "none", "PidsLimit": 100}}
+    body["HostConfig"].update(hc)
+    return body
+
+
+def req(authz, *a, **kw):
+    return authz.authz_request(payload(*a, **kw))
+
+
+def allowed(authz, *a, **kw):
+    r = req(authz, *a, **kw)
+    assert r["Allow"], r.get("Msg")
+    return r
+
+
+def denied(authz, *a, match="", **kw):
+    r = req(authz, *a, **kw)
+    assert not r["Allow"], "expected a refusal"
+    assert match in r["Msg"], r["Msg"]
+    return r
+
+
+def create_container(authz, store, tenant=TA, name=None, cid=CID, token="tok-alice", body=None):
+    uri = f"{V}/containers/create" + (f"?name={name}" if name else "")
+    body = body or good(tenant)
+    allowed(authz, "POST", uri, body, token=token)
+    res = authz.authz_response(payload("POST", uri, body, token=token, status=201,
+                                       response={"Id": cid, "Warnings": []}))
+    assert res["Allow"], res
+    return cid
+
+
+# -- identity and roles ---------------------------------------------------------
+
+def test_no_token_and_bad_token_get_the_login_hint(authz):
+    denied(authz, "GET", f"{V}/info", token=None, match="fdcs-login")
+    denied(authz, "GET", f"{V}/info", token="garbage", match="fdcs-login")
+    allowed(authz, "GET", f"{V}/info")
+
+
+def test_reader_reads_but_does_not_write(authz):
+    allowed(authz, "GET", f"{V}/images/json", token="tok-dave")
+    denied(authz, "POST", f"{V}/containers/create?name={TA}_x", good(), token="tok-dave", match="reading only")
+
+
+def test_admin_may_do_anything_without_redis(authz, store):
+    store.r.connection_pool.disconnect()
+    store.r.ping = None
+    allowed(authz, "GET", f"{V}/system/df", token="tok-admin")
+    allowed(authz, "POST", f"{V}/containers/create", good(Privileged=True), token="tok-admin")
+
+
+def test_unsupported_endpoints(authz):
+    for method, uri in [("GET", f"{V}/system/df"), ("POST", f"{V}/grpc"), ("POST", f"{V}/session"),
+                        ("GET", f"{V}/nothing"), ("GET", "/debug/pprof/"), ("POST", f"{V}/commit")]:
+        r = req(authz, method, uri)
+        assert not r["Allow"], uri
+    denied(authz, "GET", f"{V}/nothing/here", match="not supported by this service")
+
+
+# -- container create rules -----------------------------------------------------
+
+def test_good_create_allowed_and_recorded(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    assert store.owner("container", CID) == TA
+    assert store.r.hget("fdcs:names:container", f"{TA}_web") == CID
+
+
+@pytest.mark.parametrize("hc,match", [
+    ({"Privileged": True}, "HostConfig.Privileged"),
+    ({"CapAdd": ["SYS_ADMIN"]}, "HostConfig.CapAdd"),
+    ({"CapAdd": "NET_ADMIN"}, "HostConfig.CapAdd"),
+    ({"Devices": [{"PathOnHost": "/dev/sda", "PathInContainer": "/dev/sda", "CgroupPermissions": "rwm"}]}, "HostConfig.Devices"),
+    ({"DeviceRequests": [{"Count": -1}]}, "HostConfig.DeviceRequests"),
+    ({"DeviceCgroupRules": ["a *:* rwm"]}, "HostConfig.DeviceCgroupRules"),
+    ({"BlkioDeviceReadBps": [{"Path": "/dev/sda", "Rate": 1}]}, "HostConfig.BlkioDeviceReadBps"),
+    ({"NetworkMode": "host"}, "NetworkMode 'host'"),
+    ({"NetworkMode": "bridge"}, "shared bridge"),
+    ({"NetworkMode": "default"}, "shared bridge"),
+    ({"NetworkMode": ""}, "shared bridge"),
+    ({"PidMode": "host"}, "PidMode"),
+    ({"IpcMode": "host"}, "IpcMode"),
+    ({"UTSMode": "host"}, "UTSMode"),
+    ({"UsernsMode": "host"}, "UsernsMode"),
+    ({"CgroupnsMode": "host"}, "CgroupnsMode"),
+    ({"SecurityOpt": ["seccomp=unconfined"]}, "SecurityOpt"),
+    ({"SecurityOpt": ["apparmor=unconfined"]}, "SecurityOpt"),
+    ({"SecurityOpt": ["label=disable"]}, "SecurityOpt"),
+    ({"SecurityOpt": ["systempaths=unconfined"]}, "SecurityOpt"),
+    ({"SecurityOpt": ['seccomp={"defaultAction":"SCMP_ACT_ALLOW"}']}, "SecurityOpt"),
+    ({"MaskedPaths": []}, "MaskedPaths"),
+    ({"ReadonlyPaths": []}, "ReadonlyPaths"),
+    ({"Sysctls": {"net.ipv4.ip_forward": "1"}}, "Sysctls"),
+    ({"CgroupParent": "/"}, "CgroupParent"),
+    ({"Cgroup": "host"}, "Cgroup"),
+    ({"Runtime": "io.containerd.runtime.v1.linux"}, "Runtime"),
+    ({"OomKillDisable": True}, "OomKillDisable"),
+    ({"OomScoreAdj": -500}, "OomScoreAdj"),
+    ({"CpuRealtimeRuntime": 1000}, "CpuRealtimeRuntime"),
+    ({"StorageOpt": {"size": "1G"}}, "StorageOpt"),
+    ({"LogConfig": {"Type": "syslog", "Config": {}}}, "LogConfig.Type"),
+    ({"LogConfig": {"Type": "json-file", "Config": {"max-size": "10g"}}}, "max-size"),
+    ({"LogConfig": {"Type": "json-file", "Config": {"max-file": "100"}}}, "max-file"),
+    ({"LogConfig": {"Type": "json-file", "Config": {"max-buffer-size": "1g"}}}, "LogConfig.Config"),
+    ({"PidsLimit": None}, "PidsLimit must be set"),
+    ({"PidsLimit": -1}, "PidsLimit"),
+    ({"PidsLimit": 100000}, "PidsLimit"),
+    ({"CpuShares": 100000}, "CpuShares"),
+    ({"Ulimits": [{"Name": "nofile", "Soft": 1, "Hard": 10**9}]}, "Ulimits"),
+    ({"Ulimits": [{"Name": "rtprio", "Soft": 1, "Hard": 1}]}, "Ulimits"),
+    ({"Binds": ["/:/host"]}, "host path"),
+    ({"Binds": ["/etc:/x:ro"]}, "host path"),
+    ({"Binds": ["data:/x"]}, "not one of yours"),
+    ({"Binds": [f"{TB}_data:/x"]}, "not one of yours"),
+    ({"Mounts": [{"Type": "bind", "Source": "/", "Target": "/h"}]}, "mount type"),
+    ({"Mounts": [{"Type": "npipe", "Source": "x", "Target": "/h"}]}, "mount type"),
+    ({"Mounts": [{"Type": "volume", "Source": f"{TA}_v", "Target": "/v",
+                  "VolumeOptions": {"DriverConfig": {"Name": "local", "Options": {"type": "none", "o": "bind", "device": "/"}}}}]}, "VolumeOptions"),
+    ({"Mounts": [{"Type": "volume", "Source": f"{TA}_v", "Target": "/v", "VolumeOptions": {"Labels": {"x": "y"}}}]}, "VolumeOptions"),
+    ({"VolumeDriver": "convoy"}, "VolumeDriver"),
+    ({"PortBindings": {"80/tcp": [{"HostPort": "22"}]}}, "host port"),
+    ({"PortBindings": {"80/tcp": [{"HostPort": "29000-30001"}]}}, "host port"),
+    ({"Isolation": "hyperv"}, "Isolation"),
+])
+def test_dangerous_create_options_refused_naming_the_field(authz, hc, match):
+    allowed(authz, "POST", f"{V}/containers/create?name={TA}_ok", good())  # positive control
+    denied(authz, "POST", f"{V}/containers/create?name={TA}_bad", good(**hc), match=match)
+
+
+@pytest.mark.parametrize("hc", [
+    {"SecurityOpt": ["no-new-privileges"]}, {"SecurityOpt": ["no-new-privileges:true"]},
+    {"CapDrop": ["ALL"]}, {"Binds": [f"{TA}_data:/data"]}, {"Binds": ["/anon"]},
+    {"Mounts": [{"Type": "volume", "Source": f"{TA}_v", "Target": "/v", "VolumeOptions": {"NoCopy": True}}]},
+    {"Mounts": [{"Type": "tmpfs", "Target": "/t"}]}, {"Mounts": [{"Type": "volume", "Target": "/anon"}]},
+    {"PortBindings": {"80/tcp": [{"HostPort": ""}], "81/tcp": [{"HostPort": "30080"}]}},
+    {"LogConfig": {"Type": "json-file", "Config": {"max-size": "5m", "max-file": "2"}}},
+    {"Ulimits": [{"Name": "nofile", "Soft": 1024, "Hard": 2048}]}, {"OomScoreAdj": 500},
+    {"IpcMode": "private"}, {"CgroupnsMode": "private"}, {"Runtime": "runc"}, {"MaskedPaths": None},
+])
+def test_allowed_create_options(authz, hc):
+    allowed(authz, "POST", f"{V}/containers/create?name={TA}_ok", good(**hc))
+
+
+def test_cap_add_allow_list_is_configurable(store):
+    from authz_plugin.policy import Authorizer
+    from .conftest import FakeIdentityService, cfg
+    a = Authorizer(cfg(**{"policy.cap_add_allowed": ["NET_ADMIN"]}), FakeIdentityService(), store)
+    allowed(a, "POST", f"{V}/containers/create", good(CapAdd=["CAP_net_admin"]))
+    denied(a, "POST", f"{V}/containers/create", good(CapAdd=["SYS_ADMIN"]), match="CapAdd")
+
+
+def test_names_and_labels(authz):
+    denied(authz, "POST", f"{V}/containers/create?name=web", good(), match="scoped form")
+    denied(authz, "POST", f"{V}/containers/create?name={TB}_web", good(), match="scoped form")
+    allowed(authz, "POST", f"{V}/containers/create?name=/{TA}_web", good())
+    allowed(authz, "POST", f"{V}/containers/create?name={TA}_web&name=web", good())  # the engine reads the first
+    denied(authz, "POST", f"{V}/containers/create?name=web&name={TA}_web", good(), match="scoped form")
+    denied(authz, "POST", f"{V}/containers/create", good(TB), match=TENANT_LABEL)
+    body = good()
+    del body["Labels"]
+    denied(authz, "POST", f"{V}/containers/create", body, match=TENANT_LABEL)
+    body = good()
+    body["Labels"][NAME_LABEL] = "other"
+    denied(authz, "POST", f"{V}/containers/create?name={TA}_web", body, match=NAME_LABEL)
+    body["Labels"][NAME_LABEL] = "web"
+    allowed(authz, "POST", f"{V}/containers/create?name={TA}_web", body)
+    body["Labels"]["org.fiware.fdcs.quota"] = "x"
+    denied(authz, "POST", f"{V}/containers/create?name={TA}_web", body, match="reserved")
+
+
+def test_case_variant_and_top_level_bypasses(authz):
+    body = good()
+    body["hostconfig"] = {"Privileged": True}
+    denied(authz, "POST", f"{V}/containers/create", body, match="more than once")
+    body = {"Image": "busybox", "Labels": {TENANT_LABEL: TA}, "hostConfig": {"NetworkMode": "none", "PidsLimit": 5, "privileged": True}}
+    denied(authz, "POST", f"{V}/containers/create", body, match="Privileged")
+    body = good()
+    body["Privileged"] = True
+    denied(authz, "POST", f"{V}/containers/create", body, match="deprecated top-level")
+
+
+def test_create_needs_a_body(authz):
+    p = payload("POST", f"{V}/containers/create", None)
+    p["RequestHeaders"]["Content-Type"] = "application/json"
+    p["RequestHeaders"]["Content-Length"] = str(2 * 1024 * 1024)  # the engine dropped it
+    r = authz.authz_request(p)
+    assert not r["Allow"] and "1 MiB" in r["Msg"]
+
+
+def test_references_in_create_must_be_owned(authz, store):
+    create_container(authz, store, name=f"{TA}_db")
+    store.add("container", CID_B, TB, f"{TB}_db")
+    store.add("network", NID, TB, f"{TB}_net")
+    for hc, ok in [({"VolumesFrom": [f"{TA}_db"]}, True), ({"VolumesFrom": [f"{TB}_db:ro"]}, False),
+                   ({"VolumesFrom": [CID_B[:12]]}, False), ({"VolumesFrom": [CID[:12]]}, True),
+                   ({"Links": [f"/{TA}_db:db"]}, True), ({"Links": [f"{TB}_db:db"]}, False),
+                   ({"NetworkMode": f"container:{TA}_db"}, True), ({"NetworkMode": f"container:{CID_B}"}, False),
+                   ({"PidMode": f"container:{TB}_db"}, False), ({"IpcMode": f"container:{CID[:6]}"}, True),
+                   ({"NetworkMode": f"{TB}_net"}, False), ({"NetworkMode": NID[:6]}, False),
+                   ({"NetworkMode": "web"}, False)]:
+        r = req(authz, "POST", f"{V}/containers/create", good(**hc))
+        assert r["Allow"] == ok, (hc, r)
+        if not ok:
+            assert "No such container" in r["Msg"] or "not found" in r["Msg"]
+
+
+def test_endpoints_config(authz, store):
+    store.add("network", NID, TA, f"{TA}_net")
+    body = good(NetworkMode=f"{TA}_net")
+    body["NetworkingConfig"] = {"EndpointsConfig": {f"{TA}_net": {"Aliases": ["web"]}}}
+    allowed(authz, "POST", f"{V}/containers/create", body)
+    for key, value in [("IPAMConfig", {"IPv4Address": "10.0.0.5"}), ("IPAddress", "10.0.0.5"),
+                       ("MacAddress", "02:42:ac:11:00:02"), ("NetworkID", "bridge"), ("DriverOpts", {"a": "b"})]:
+        b = copy.deepcopy(body)
+        b["NetworkingConfig"]["EndpointsConfig"][f"{TA}_net"][key] = value
+        denied(authz, "POST", f"{V}/containers/create", b, match=key)
+    b = copy.deepcopy(body)
+    b["NetworkingConfig"]["EndpointsConfig"] = {f"{TB}_net": {}}
+    denied(authz, "POST", f"{V}/containers/create", b, match="not found")
+
+
+# -- ownership of path references -------------------------------------------------
+
+def test_own_by_name_id_and_prefix(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    for ref in (f"{TA}_web", CID, CID[:12], CID[:3]):
+        allowed(authz, "GET", f"{V}/containers/{ref}/json")
+        denied(authz, "GET", f"{V}/containers/{ref}/json", token="tok-bob", match="No such container")
+    denied(authz, "GET", f"{V}/containers/web/json", token="tok-alice", match="No such container: web")
+
+
+def test_prefix_matching_a_foreign_container_is_refused(authz, store):
+    create_container(authz, store)
+    store.add("container", CID_B, TB)
+    allowed(authz, "GET", f"{V}/containers/{CID[:6]}/json")
+    denied(authz, "GET", f"{V}/containers/{CID[:5]}/json", match="No such container")  # c0ffe: both match
+
+
+def test_every_container_verb_is_refused_for_another_tenant(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    verbs = [("GET", "json"), ("GET", "logs"), ("GET", "top"), ("GET", "stats"), ("GET", "changes"),
+             ("GET", "export"), ("GET", "archive"), ("HEAD", "archive"), ("GET", "attach/ws"),
+             ("POST", "start"), ("POST", "stop"), ("POST", "restart"), ("POST", "kill"), ("POST", "pause"),
+             ("POST", "unpause"), ("POST", "wait"), ("POST", "resize"), ("POST", "attach")]
+    for ref in (f"{TA}_web", CID, CID[:12]):
+        for method, verb in verbs:
+            allowed(authz, method, f"{V}/containers/{ref}/{verb}")
+            denied(authz, method, f"{V}/containers/{ref}/{verb}", token="tok-bob", match="No such container")
+        allowed(authz, "DELETE", f"{V}/containers/{ref}")
+        denied(authz, "DELETE", f"{V}/containers/{ref}", token="tok-bob")
+        allowed(authz, "POST", f"{V}/containers/{ref}/update", {"CpuShares": 512})
+        denied(authz, "POST", f"{V}/containers/{ref}/update", {"CpuShares": 512}, token="tok-bob")
+        allowed(authz, "POST", f"{V}/containers/{ref}/exec", {"Cmd": ["true"]})
+        denied(authz, "POST", f"{V}/containers/{ref}/exec", {"Cmd": ["true"]}, token="tok-bob")
+        allowed(authz, "POST", f"{V}/containers/{ref}/rename?name={TA}_new")
+        denied(authz, "POST", f"{V}/containers/{ref}/rename?name={TB}_new", token="tok-bob")
+    denied(authz, "POST", f"{V}/containers/{CID}/rename?name={TB}_x", match="scoped form")
+    denied(authz, "POST", f"{V}/containers/{CID}/exec", {"Cmd": ["sh"], "Privileged": True}, match="Privileged")
+    denied(authz, "POST", f"{V}/containers/{CID}/update", {"Devices": [{"PathOnHost": "/dev/kmsg"}]}, match="Devices")
+    denied(authz, "POST", f"{V}/containers/{CID}/update", {"PidsLimit": 0}, match="PidsLimit")
+
+
+def test_body_on_an_endpoint_that_takes_none(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    denied(authz, "POST", f"{V}/containers/{TA}_web/start", {"Privileged": True}, match="takes no request body")
+    p = payload("POST", f"{V}/containers/{TA}_web/rename?name={TA}_x")
+    del p["RequestHeaders"]["Content-Length"]  # chunked
+    assert not authz.authz_request(p)["Allow"]
+
+
+def test_exec_ownership_recorded_and_checked(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    uri = f"{V}/containers/{TA}_web/exec"
+    eid = "e" * 64
+    authz.authz_response(payload("POST", uri, {"Cmd": ["true"]}, status=201, response={"Id": eid}))
+    assert store.owner("exec", eid) == TA
+    allowed(authz, "POST", f"{V}/exec/{eid}/start", {"Detach": False, "Tty": False})
+    allowed(authz, "GET", f"{V}/exec/{eid}/json")
+    denied(authz, "GET", f"{V}/exec/{eid}/json", token="tok-bob", match="No such exec")
+    denied(authz, "POST", f"{V}/exec/{eid}/start", {"Detach": False}, token="tok-bob")
+    denied(authz, "POST", f"{V}/exec/{'f' * 64}/resize", match="No such exec")
+
+
+def test_remove_and_rename_update_records(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    authz.authz_response(payload("POST", f"{V}/containers/{CID[:8]}/rename?name={TA}_new", status=204, response={}))
+    assert store.r.hget("fdcs:names:container", f"{TA}_new") == CID
+    assert store.r.hget("fdcs:names:container", f"{TA}_web") is None
+    authz.authz_response(payload("DELETE", f"{V}/containers/{TA}_new", status=204, response={}))
+    assert store.owner("container", CID) is None
+    assert store.r.zcard("fdcs:ids:container") == 0
+
+
+def test_failed_create_is_not_recorded(authz, store):
+    uri = f"{V}/containers/create?name={TA}_web"
+    r = authz.authz_response(payload("POST", uri, good(), status=None, response=None))
+    assert r["Allow"] and store.owner("container", CID) is None
+
+
+# -- networks and volumes -------------------------------------------------------
+
+def test_network_create_rules(authz, store):
+    ok = {"Name": f"{TA}_net", "Driver": "bridge", "Labels": {TENANT_LABEL: TA},
+          "IPAM": {"Driver": "default", "Config": [], "Options": {}}, "Options": {}, "Internal": True}
+    allowed(authz, "POST", f"{V}/networks/create", ok)
+    for change, match in [({"Driver": "macvlan"}, "Driver"), ({"EnableIPv6": True}, "EnableIPv6"),
+                          ({"Options": {"com.docker.network.bridge.name": "docker0"}}, "Options"),
+                          ({"IPAM": {"Config": [{"Subnet": "10.0.0.0/8"}]}}, "IPAM"),
+                          ({"ConfigFrom": {"Network": "x"}}, "ConfigFrom"), ({"Ingress": True}, "Ingress"),
+                          ({"Name": "net"}, "scoped form"), ({"Name": f"{TB}_net"}, "scoped form"),
+                          ({"Labels": {}}, TENANT_LABEL)]:
+        denied(authz, "POST", f"{V}/networks/create", {**ok, **change}, match=match)
+    authz.authz_response(payload("POST", f"{V}/networks/create", ok, status=201, response={"Id": NID, "Warning": ""}))
+    assert store.owner("network", NID) == TA
+    allowed(authz, "GET", f"{V}/networks/{NID[:6]}")
+    denied(authz, "GET", f"{V}/networks/{NID[:6]}", token="tok-bob", match="not found")
+    denied(authz, "DELETE", f"{V}/networks/{TA}_net", token="tok-bob")
+
+
+def test_network_connect(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    store.add("container", CID_B, TB, f"{TB}_web")
+    store.add("network", NID, TA, f"{TA}_net")
+    allowed(authz, "POST", f"{V}/networks/{TA}_net/connect", {"Container": f"{TA}_web", "EndpointConfig": {"Aliases": ["web"]}})
+    denied(authz, "POST", f"{V}/networks/{TA}_net/connect", {"Container": CID_B}, match="No such container")
+    denied(authz, "POST", f"{V}/networks/{TA}_net/connect", {"Container": f"{TA}_web", "EndpointConfig": {"IPAddress": "1.2.3.4"}}, match="IPAddress")
+    denied(authz, "POST", f"{V}/networks/{TA}_net/disconnect", {"Container": CID_B, "Force": True}, match="No such container")
+
+
+def test_volume_create_and_existing_volume(authz, store):
+    ok = {"Name": f"{TA}_data", "Driver": "local", "DriverOpts": {}, "Labels": {TENANT_LABEL: TA}}
+    allowed(authz, "POST", f"{V}/volumes/create", ok)
+    denied(authz, "POST", f"{V}/volumes/create", {**ok, "DriverOpts": {"type": "none", "o": "bind", "device": "/"}}, match="DriverOpts")
+    denied(authz, "POST", f"{V}/volumes/create", {**ok, "Driver": "nfs"}, match="Driver")
+    denied(authz, "POST", f"{V}/volumes/create", {**ok, "Name": ""}, match="Name")
+    # an existing volume with foreign labels answered with 201 is not taken over
+    authz.authz_response(payload("POST", f"{V}/volumes/create", ok, status=201,
+                                 response={"Name": f"{TA}_data", "Labels": {TENANT_LABEL: TB}}))
+    assert store.owner("volume", f"{TA}_data") is None
+    authz.authz_response(payload("POST", f"{V}/volumes/create", ok, status=201,
+                                 response={"Name": f"{TA}_data", "Labels": {TENANT_LABEL: TA}}))
+    assert store.owner("volume", f"{TA}_data") == TA
+    allowed(authz, "GET", f"{V}/volumes/{TA}_data")
+    denied(authz, "GET", f"{V}/volumes/{TA}_data", token="tok-bob", match="no such volume")
+    store.add_volume_if_new("f" * 64, TB)
+    denied(authz, "DELETE", f"{V}/volumes/{'f' * 64}", match="no such volume")
+    allowed(authz, "DELETE", f"{V}/volumes/{'f' * 64}", token="tok-bob")
+
+
+def test_implicit_volumes_of_a_create_become_the_creators(authz, store):
+    create_container(authz, store, body=good(Binds=[f"{TA}_data:/data"]))
+    assert store.owner("volume", f"{TA}_data") == TA
+
+
+# -- lists, filters ------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/containers/json", "/networks", "/volumes", "/events"])
+def test_lists_need_the_tenant_filter(authz, path):
+    import json, urllib.parse
+    q = lambda f: "?filters=" + urllib.parse.quote(json.dumps(f))
+    allowed(authz, "GET", f"{V}{path}{q({'label': [f'{TENANT_LABEL}={TA}']})}")
+    allowed(authz, "GET", f"{V}{path}{q({'label': {f'{TENANT_LABEL}={TA}': True}, 'name': ['x']})}")
+    denied(authz, "GET", f"{V}{path}", match="tenant label")
+    denied(authz, "GET", f"{V}{path}{q({'label': [f'{TENANT_LABEL}={TB}']})}", match="tenant label")
+    denied(authz, "GET", f"{V}{path}{q({'label': [f'{TENANT_LABEL}={TA}', f'{TENANT_LABEL}={TB}']})}", match="another tenant")
+    good_q = q({'label': [f'{TENANT_LABEL}={TA}']})
+    denied(authz, "GET", f"{V}{path}{good_q}&filters=%7B%7D", match="more than once")
+    raw = '{"label":["%s=%s"],"label":[]}' % (TENANT_LABEL, TA)
+    denied(authz, "GET", f"{V}{path}?filters={urllib.parse.quote(raw)}", match="more than once")
+
+
+def test_prune_removes_records(authz, store):
+    import json, urllib.parse
+    create_container(authz, store, name=f"{TA}_web")
+    uri = f"{V}/containers/prune?filters=" + urllib.parse.quote(json.dumps({"label": [f"{TENANT_LABEL}={TA}"]}))
+    allowed(authz, "POST", uri)
+    authz.authz_response(payload("POST", uri, status=200, response={"ContainersDeleted": [CID], "SpaceReclaimed": 0}))
+    assert store.owner("container", CID) is None
+
+
+# -- images and registries ---------------------------------------------------------
+
+def test_images(authz):
+    allowed(authz, "GET", f"{V}/images/json")
+    allowed(authz, "GET", f"{V}/images/library/busybox:latest/json")
+    allowed(authz, "POST", f"{V}/images/create?fromImage=busybox&tag=latest")
+    denied(authz, "POST", f"{V}/images/create?fromImage=evil.example:5000/x", match="allow-list")
+    denied(authz, "POST", f"{V}/images/create?fromSrc=-&repo=x", match="administrators")
+    denied(authz, "POST", f"{V}/images/create?fromImage=&fromImage=busybox", match="administrators")
+    for method, uri in [("POST", f"{V}/images/busybox/tag?repo=x"), ("DELETE", f"{V}/images/busybox"),
+                        ("POST", f"{V}/images/load"), ("POST", f"{V}/build"), ("GET", f"{V}/images/get")]:
+        denied(authz, method, uri, match="administrators")
+    allowed(authz, "POST", f"{V}/auth", {"Username": "u", "Password": "p", "ServerAddress": "https://index.docker.io/v1/"})
+    denied(authz, "POST", f"{V}/auth", {"Username": "u", "Password": "p", "ServerAddress": "evil.example"}, match="allow-list")
+
+
+# -- faults ------------------------------------------------------------------------------
+
+def test_redis_down_denies_tenants_with_a_clear_message(authz, store):
+    import redis
+
+    def boom(*a, **k):
+        raise redis.ConnectionError("down")
+    create_container(authz, store, name=f"{TA}_web")
+    store._resolve = boom
+    denied(authz, "GET", f"{V}/containers/{CID[:12]}/json", match="ownership store unavailable")
+    allowed(authz, "GET", f"{V}/containers/{TA}_web/json")  # a scoped name needs no lookup
+    allowed(authz, "GET", f"{V}/containers/{CID}/json", token="tok-admin")
+
+
+def test_internal_error_denies(authz):
+    authz.identity = None
+    r = authz.authz_request(payload("GET", f"{V}/info"))
+    assert not r["Allow"] and "internal error" in r["Msg"]
