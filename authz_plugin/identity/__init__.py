@@ -1,0 +1,386 @@
+"""Who is asking, and for which tenant: the one owner of identity in FDCS.
+
+:class:`IdentityService` turns the headers of a Docker API request into an
+:class:`Identity` or raises an :class:`~authz_plugin.errors.FdcsError`:
+
+* ``X-Auth-Token`` is validated with Keystone (``_keystone``), the result is
+  cached by a SHA-256 digest of token and tenant header (``_cache``);
+* ``X-Auth-TenantId`` is a claim checked against the token: it must equal the
+  project of a project-scoped token (absent means that project), or be one of
+  the projects of an unscoped token, which is then rescoped to learn its roles
+  there; domain- and system-scoped tokens are refused;
+* a site administrator is a token holding one of ``keystone.admin_roles`` on
+  the project whose id is ``keystone.admin_project_id``, or whoever presents
+  the break-glass admin key (header ``keystone.admin_key_header``, secret in
+  the root-only ``keystone.admin_key_file``), which never involves Keystone.
+
+Failure semantics (what callers rely on):
+
+* :class:`AuthenticationError` -- no usable identity (missing, invalid,
+  expired token; tenant not allowed; wrong admin key; too many invalid
+  tokens).  The message tells the tenant what to do and never holds a token.
+* :class:`Forbidden` -- a valid identity holding neither a member nor a reader
+  role on the project.
+* :class:`IdentityUnavailable` -- Keystone could not answer for a token that
+  is not cached.  Never cached, never reported as "invalid"; tokens already
+  cached keep working through the outage.
+
+Revocation takes effect when the cache entry ends (``keystone.cache_ttl``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import logging
+import math
+import os
+import stat
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Iterable, Mapping
+
+from .. import config as _config
+from ..errors import AuthenticationError, ConfigError, Forbidden, IdentityUnavailable
+from ._cache import RejectLimiter, TokenCache, cache_key, token_handle
+from ._keystone import (MSG_EXPIRED, MSG_INVALID, MSG_MISSING, MSG_UNAVAILABLE,
+                        KeystoneClient, TokenInfo, default_session)
+
+__all__ = ["Identity", "IdentityService", "MSG_MISSING", "MSG_INVALID", "MSG_EXPIRED",
+           "MSG_UNAVAILABLE", "MSG_SLOW_DOWN"]
+
+LOG = logging.getLogger(__name__)
+
+MSG_SLOW_DOWN = "too many invalid tokens, slow down"
+
+TOKEN_HEADER = "X-Auth-Token"
+TENANT_HEADER = "X-Auth-TenantId"
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+# Fernet, JWS and UUID tokens are all drawn from this alphabet; anything else
+# (spaces, control characters, a megabyte of junk) is refused before it can
+# reach a log line, a header to Keystone or the cache.
+_TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=.+/")
+_MAX_TOKEN = 8192
+_MAX_TENANT = 255
+
+
+def _default_roles(key: str) -> frozenset[str]:
+    return frozenset(next(o.default for o in _config.OPTIONS if o.dotted == key))
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+    """An authenticated caller acting for one tenant.
+
+    ``project_id`` is the tenant the request acts for ("" for the break-glass
+    admin).  ``expires_at`` is epoch seconds (``inf`` for the admin key).
+    ``via`` is ``"token"`` or ``"admin-key"``.  ``member_roles`` and
+    ``reader_roles`` are the configured role sets :meth:`may` decides with;
+    :class:`IdentityService` fills them in from the configuration (the
+    defaults are the configuration's defaults).
+    """
+
+    user_id: str
+    user_name: str
+    project_id: str
+    roles: frozenset[str]
+    expires_at: float
+    is_admin: bool
+    via: str
+    member_roles: frozenset[str] = dataclasses.field(
+        default=_default_roles("keystone.member_roles"), compare=False, repr=False)
+    reader_roles: frozenset[str] = dataclasses.field(
+        default=_default_roles("keystone.reader_roles"), compare=False, repr=False)
+
+    def may(self, method: str) -> bool:
+        """May this identity send an HTTP ``method``?  Admins always; GET and
+        HEAD need a reader or a member role; every other method a member role."""
+        if self.is_admin or self.roles & self.member_roles:
+            return True
+        return method.upper() in READ_METHODS and bool(self.roles & self.reader_roles)
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """The value of header ``name``, matched case-insensitively.
+
+    Two differing values under case variants of the name are refused: which
+    one the engine or a proxy would honour is not ours to guess.
+    """
+    want = name.lower()
+    values = [v for k, v in headers.items() if isinstance(k, str) and k.lower() == want]
+    if not all(isinstance(v, str) for v in values):
+        raise AuthenticationError(f"authentication required: {name} is not a string")
+    if len(set(values)) > 1:
+        raise AuthenticationError(f"authentication required: more than one {name} header")
+    return values[0] if values else None
+
+
+def _describe(projects: Iterable[Mapping[str, str]], limit: int = 10) -> str:
+    shown = [f"{p['id']} ({p['name']})" if p.get("name") else p["id"] for p in projects]
+    if not shown:
+        return "no project"
+    more = f" and {len(shown) - limit} more" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
+class _AdminKey:
+    """The break-glass admin key in a root-only file.
+
+    The file is used only while it is a regular file owned by root with no
+    permission bits for group or others, and holds at least
+    :attr:`MIN_LENGTH` characters (surrounding whitespace stripped).  It is
+    read at start and re-read when it changes (inode, mtime or size); its
+    owner and mode are checked on every use, since ``chmod`` does not change
+    the mtime.  Each distinct problem is logged once.
+    """
+
+    MIN_LENGTH = 16
+
+    def __init__(self, path: str):
+        self.path = path
+        self._key: bytes | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._problem: str | None = None
+        self._lock = threading.Lock()
+        if path:
+            self.current()
+
+    @staticmethod
+    def _unsafe(st: os.stat_result) -> str | None:
+        if not stat.S_ISREG(st.st_mode):
+            return "it is not a regular file"
+        if st.st_uid != 0:
+            return f"it is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o077:
+            return f"its mode {stat.S_IMODE(st.st_mode):04o} gives access to group or others (chmod 600)"
+        return None
+
+    def _refuse(self, problem: str) -> None:
+        self._key = self._stamp = None
+        if problem != self._problem:
+            LOG.error("break-glass admin key file %s is not used: %s", self.path, problem)
+            self._problem = problem
+
+    def current(self) -> bytes | None:
+        """The key, or None when the file is missing or unsafe (logged)."""
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                problem = self._unsafe(st)
+                stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+                if problem is None and stamp != self._stamp:
+                    with open(self.path, "rb") as f:
+                        # what was opened is what must be safe, not what was stat'ed
+                        problem = self._unsafe(os.fstat(f.fileno()))
+                        key = f.read(4096).strip()
+                    if problem is None and len(key) < self.MIN_LENGTH:
+                        problem = f"the key is shorter than {self.MIN_LENGTH} characters"
+                    if problem is None:
+                        self._key, self._stamp, self._problem = key, stamp, None
+                        LOG.info("break-glass admin key loaded from %s", self.path)
+            except OSError as e:
+                problem = f"cannot read it: {e.strerror}"
+            if problem is not None:
+                self._refuse(problem)
+            return self._key
+
+
+class IdentityService:
+    """Authenticates Docker API requests against Keystone; thread-safe.
+
+    ``cfg`` is a :class:`~authz_plugin.config.Config` (the ``keystone.*``
+    options).  ``session`` is a ``keystoneauth1.session.Session`` (default: a
+    new unauthenticated one honouring ``keystone.ca_file`` and
+    ``keystone.timeout``).  ``clock`` returns epoch seconds; it drives cache
+    expiry, token expiry and the rate limiter, so tests can move time.
+    """
+
+    def __init__(self, cfg: Mapping[str, Any], *, session=None,
+                 clock: Callable[[], float] = time.time):
+        if not cfg["keystone.url"]:
+            raise ConfigError("option keystone.url is required")
+        self._clock = clock
+        timeout = cfg["keystone.timeout"]
+        self._keystone = KeystoneClient(
+            cfg["keystone.url"], session or default_session(cfg["keystone.ca_file"], timeout), timeout)
+        self._cache = TokenCache(cfg["keystone.cache_size"], cfg["keystone.cache_ttl"],
+                                 cfg["keystone.negative_ttl"], clock)
+        self._limiter = RejectLimiter(cfg["keystone.reject_rate"], clock,
+                                      max_sources=cfg["keystone.cache_size"])
+        self._admin_project = cfg["keystone.admin_project_id"]
+        self._admin_roles = frozenset(cfg["keystone.admin_roles"])
+        self._member_roles = frozenset(cfg["keystone.member_roles"])
+        self._reader_roles = frozenset(cfg["keystone.reader_roles"])
+        self._admin_key_header = cfg["keystone.admin_key_header"]
+        self._admin_key = _AdminKey(cfg["keystone.admin_key_file"])
+        self._stats: Counter[str] = Counter()
+        self._stats_lock = threading.Lock()
+
+    # -- public ------------------------------------------------------------
+
+    def authenticate(self, headers: Mapping[str, str], source: str = "") -> Identity:
+        """The identity behind a request's ``headers`` (names matched
+        case-insensitively).  ``source`` is the client address when known; it
+        keys the per-source limit on invalid tokens.
+
+        :raises AuthenticationError: no usable identity (see module doc).
+        :raises Forbidden: valid identity without member or reader role.
+        :raises IdentityUnavailable: Keystone cannot answer for an uncached token.
+        """
+        if self._admin_key_header:
+            presented = _header(headers, self._admin_key_header)
+            if presented is not None:
+                return self._break_glass(presented, source)
+        token = _header(headers, TOKEN_HEADER)
+        if not token:
+            raise AuthenticationError(MSG_MISSING)
+        if len(token) > _MAX_TOKEN or not _TOKEN_CHARS.issuperset(token):
+            self._count("malformed")
+            raise AuthenticationError(MSG_INVALID)
+        # The tenant claim is only ever compared, exactly, with ids Keystone
+        # gave; it is quoted with repr() wherever it is shown.
+        tenant = _header(headers, TENANT_HEADER) or ""
+        if len(tenant) > _MAX_TENANT:
+            raise AuthenticationError(
+                f"authentication required: {TENANT_HEADER} {tenant[:40]!r}... is not a project id")
+        ident = self._lookup(token, tenant, source)
+        if not ident.is_admin and not ident.roles & (self._member_roles | self._reader_roles):
+            raise Forbidden(
+                f"user {ident.user_name or ident.user_id} has no role on project {ident.project_id} "
+                f"that allows using this service (needs one of: "
+                f"{', '.join(sorted(self._member_roles | self._reader_roles))})")
+        return ident
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``hits``, ``misses``, ``negative_hits``,
+        ``keystone_calls``, ``rejected``, ``unavailable``, ``rate_limited``,
+        ``expired``, ``malformed``, ``admin_key``, ``admin_key_refused``, and
+        ``cached`` (identities in the cache now)."""
+        with self._stats_lock:
+            out = {k: 0 for k in ("hits", "misses", "negative_hits", "rejected", "unavailable",
+                                  "rate_limited", "expired", "malformed", "admin_key",
+                                  "admin_key_refused")}
+            out.update(self._stats)
+        out["keystone_calls"] = self._keystone.calls
+        out["cached"] = len(self._cache)
+        return out
+
+    # -- token path ------------------------------------------------------------
+
+    def _count(self, what: str) -> None:
+        with self._stats_lock:
+            self._stats[what] += 1
+
+    def _lookup(self, token: str, tenant: str, source: str) -> Identity:
+        key = cache_key(token, tenant)
+        hit = self._cache.get(key)
+        if isinstance(hit, str):
+            self._count("negative_hits")
+            raise AuthenticationError(hit)
+        if hit is not None:
+            # Whatever the cache's TTL did, an expired token is never honoured.
+            if hit.expires_at <= self._clock():
+                self._cache.evict(key)
+                self._count("expired")
+                raise AuthenticationError(MSG_EXPIRED)
+            self._count("hits")
+            return hit
+        self._count("misses")
+        if not self._limiter.try_acquire(source):
+            self._count("rate_limited")
+            LOG.info("too many invalid tokens from %r: token %s refused without asking Keystone",
+                     source, token_handle(token))
+            raise AuthenticationError(MSG_SLOW_DOWN)
+        try:
+            ident = self._resolve(token, tenant)
+        except AuthenticationError as e:
+            # Keystone (or our rules on its answer) refused: remember it briefly
+            # and keep the limiter charged.
+            self._cache.put_refusal(key, str(e))
+            self._count("rejected")
+            LOG.info("token %s refused: %s", token_handle(token), e)
+            raise
+        except BaseException as e:
+            # An outage is not the client's fault and is never remembered.
+            self._limiter.refund(source)
+            if isinstance(e, IdentityUnavailable):
+                self._count("unavailable")
+            raise
+        self._limiter.refund(source)
+        self._cache.put(key, ident)
+        LOG.debug("token %s validated: user %s project %s", token_handle(token),
+                  ident.user_id, ident.project_id)
+        return ident
+
+    def _resolve(self, token: str, tenant: str) -> Identity:
+        info = self._keystone.validate(token)
+        if info.domain_id or info.system:
+            kind = "domain" if info.domain_id else "system"
+            raise AuthenticationError(
+                f"authentication required: {kind}-scoped tokens are not accepted, "
+                "use a project-scoped token; run fdcs-login")
+        if info.unscoped:
+            if not tenant:
+                raise AuthenticationError(
+                    f"authentication required: the token is not scoped to a project, so "
+                    f"{TENANT_HEADER} must name one; run fdcs-login")
+            projects = self._keystone.projects(token)
+            if tenant not in {p["id"] for p in projects}:
+                raise AuthenticationError(self._not_allowed(tenant, projects))
+            scoped = self._keystone.rescope(token, tenant)
+            if scoped.project_id != tenant or scoped.user_id != info.user_id:
+                LOG.error("Keystone rescoped a token of user %s to project %r for %r",
+                          info.user_id, scoped.project_id, tenant)
+                raise IdentityUnavailable(MSG_UNAVAILABLE)
+            info = dataclasses.replace(scoped, expires_at=min(info.expires_at, scoped.expires_at))
+        elif tenant and tenant != info.project_id:
+            raise AuthenticationError(self._not_allowed(
+                tenant, [{"id": info.project_id, "name": info.project_name}]))
+        if info.expires_at <= self._clock():
+            # Keystone still honours it but our clock says otherwise: trust the
+            # stricter one (and see to the clocks).
+            LOG.warning("Keystone validated a token that expired %.0f s ago by our clock",
+                        self._clock() - info.expires_at)
+            raise AuthenticationError(MSG_EXPIRED)
+        return self._identity(info)
+
+    @staticmethod
+    def _not_allowed(tenant: str, projects: list[dict[str, str]]) -> str:
+        return (f"authentication required: {TENANT_HEADER} {tenant!r} is not a project this token "
+                f"may act for (it may act for {_describe(projects)}); run fdcs-login for that project")
+
+    def _identity(self, info: TokenInfo) -> Identity:
+        # The admin project is pinned by id: a project *named* admin elsewhere,
+        # or the admin role on any other project, makes no administrator.
+        is_admin = bool(self._admin_project) and info.project_id == self._admin_project \
+            and bool(info.roles & self._admin_roles)
+        return Identity(user_id=info.user_id, user_name=info.user_name,
+                        project_id=info.project_id, roles=info.roles,
+                        expires_at=info.expires_at, is_admin=is_admin, via="token",
+                        member_roles=self._member_roles, reader_roles=self._reader_roles)
+
+    # -- break-glass path ---------------------------------------------------
+
+    def _break_glass(self, presented: str, source: str) -> Identity:
+        # Never touches Keystone or the limiter: this is how an administrator
+        # repairs the service while Keystone is down or under a flood.
+        if not self._admin_key.path:
+            self._count("admin_key_refused")
+            raise AuthenticationError("authentication required: the break-glass admin key is "
+                                      "not enabled on this host")
+        key = self._admin_key.current()
+        if key is None:
+            self._count("admin_key_refused")
+            raise AuthenticationError("authentication required: the break-glass admin key is "
+                                      "not usable on this host (see the plugin log)")
+        if not hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), key):
+            self._count("admin_key_refused")
+            LOG.warning("wrong break-glass admin key from %r", source)
+            raise AuthenticationError(f"authentication required: wrong {self._admin_key_header}")
+        self._count("admin_key")
+        return Identity(user_id="break-glass", user_name="break-glass", project_id="",
+                        roles=self._admin_roles, expires_at=math.inf, is_admin=True,
+                        via="admin-key", member_roles=self._member_roles,
+                        reader_roles=self._reader_roles)
