@@ -165,7 +165,7 @@ class Authorizer:
 
     def _record(self, record: tuple[str, dict[str, Any]], tenant: str, payload: Mapping[str, Any], status: int) -> None:
         what, spec = record
-        body = _response_json(payload)
+        body = _response_json(payload) if status == 201 else {}
         if what == "container" and status == 201:
             self.store.add("container", _id(body), tenant, spec["name"] or "")
             for volume in spec["volumes"]:
