@@ -164,8 +164,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("plugin", "socket", _str, "", "unix socket to serve on (default /run/docker/plugins/<name>.sock)"),
     Option("plugin", "workers", _int, 2, "gunicorn worker processes"),
     Option("plugin", "threads", _int, 8, "threads per worker (the gthread worker keeps the engine's connections alive)"),
-    Option("plugin", "engine_socket", _str, "/run/docker.sock", "the engine's unix socket (used to look up what a create made)"),
     Option("plugin", "log_level", _str, "info", "debug, info, warning or error"),
+    # -- name scoper ------------------------------------------------------------
+    Option("scoper", "listen", _str, "0.0.0.0:2376", "address:port of the tenants' TLS listener"),
+    Option("scoper", "tls_cert", _str, "/etc/fdcs/tls/server-cert.pem", "server certificate (PEM, with its chain)"),
+    Option("scoper", "tls_key", _str, "/etc/fdcs/tls/server-key.pem", "server private key (PEM)"),
+    Option("scoper", "tls_client_ca", _str, "", "CA that client certificates must chain to (empty: no client certificates asked)"),
+    Option("scoper", "engine_socket", _str, "/run/docker.sock", "the engine's unix socket (upstream)"),
+    Option("scoper", "api_version", _str, "1.41", "highest API version advertised to tenants (the rewriter's)"),
+    Option("scoper", "default_pids_limit", _int, 512, "PidsLimit given to a container that sets none"),
+    Option("scoper", "max_connections", _int, 2000, "concurrent client connections before new ones wait"),
+    Option("scoper", "log_level", _str, "info", "debug, info, warning or error"),
     # -- policy ---------------------------------------------------------------
     Option("policy", "min_api_version", _str, "1.40", "oldest Docker API version accepted"),
     Option("policy", "max_api_version", _str, "1.41", "newest Docker API version accepted (the engine's own)"),

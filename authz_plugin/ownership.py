@@ -65,6 +65,23 @@ end
 return out
 """
 
+_TENANT_REF = """
+local kind, tenant, ref, scoped, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+if redis.call('HGET', 'fdcs:own:' .. kind, ref) == tenant then return {'id', ref} end
+if kind == 'volume' then return {'name', scoped} end
+if redis.call('HEXISTS', 'fdcs:names:' .. kind, scoped) == 1 then return {'name', scoped} end
+local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
+local mine = nil
+for _, i in ipairs(ids) do
+  if redis.call('HGET', 'fdcs:own:' .. kind, i) == tenant then
+    if mine then return {'ambiguous', ref} end
+    mine = i
+  end
+end
+if mine then return {'id', mine} end
+return {'none', ref}
+"""
+
 _ADD = """
 local kind, id, tenant, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 redis.call('HSET', 'fdcs:own:' .. kind, id, tenant)
@@ -159,6 +176,7 @@ class Store:
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
         self._rename = client.register_script(_RENAME)
+        self._tenant_ref = client.register_script(_TENANT_REF)
 
     def _call(self, fn, *args, **kw):
         try:
@@ -190,6 +208,15 @@ class Store:
             how, rest = raw[0], raw[1:]
             out.append(Resolution(how, tuple(zip(rest[0::2], rest[1::2]))))
         return out
+
+    def tenant_ref(self, kind: str, tenant: str, ref: str, scoped: str | None) -> tuple[str, str]:
+        """What a tenant's hex-looking reference means to that tenant, in the
+        engine's order: its own full id, its own name (``scoped``), a unique
+        prefix of its own ids.  Returns ``(how, value)`` with ``how`` one of
+        ``id``, ``name``, ``ambiguous``, ``none``."""
+        how, value = self._call(self._tenant_ref, keys=[],
+                                args=[kind, tenant, ref, scoped or "", PREFIX_LIMIT])
+        return how, value
 
     def add(self, kind: str, id_: str, tenant: str, name: str = "") -> None:
         self._call(self._add, keys=[], args=[kind, id_, tenant, name])

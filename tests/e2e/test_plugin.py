@@ -343,3 +343,39 @@ def test_plugin_down_means_engine_refuses_then_recovers(stack, ta):
     assert p.returncode != 0  # fail closed: the engine refuses without its plugin
     stack.cmd("up")
     wait_for(lambda: alice("info", check=False).returncode == 0, timeout=90, what="plugin back")
+
+
+def test_expired_token_is_refused_with_the_login_hint(stack, ta):
+    """Keystone caps a token at its application credential's expiry: make one
+    that expires in a few seconds, see it work, then see it refused."""
+    import datetime
+    import requests
+
+    url, pw = stack.env["FDCS_KEYSTONE_URL"], stack.env["FDCS_PASSWORD"]
+
+    def token(body):
+        r = requests.post(f"{url}/auth/tokens", json={"auth": body}, timeout=10)
+        r.raise_for_status()
+        return r.headers["X-Subject-Token"], r.json()["token"]
+
+    t, info = token({"identity": {"methods": ["password"], "password": {"user": {
+        "name": "alice", "domain": {"id": "default"}, "password": pw}}},
+        "scope": {"project": {"id": ta}}})
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=6)
+    r = requests.post(f"{url}/users/{info['user']['id']}/application_credentials", headers={"X-Auth-Token": t},
+                      json={"application_credential": {"name": uniq("short"),
+                                                       "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S")}},
+                      timeout=10)
+    r.raise_for_status()
+    ac = r.json()["application_credential"]
+    short, _ = token({"identity": {"methods": ["application_credential"],
+                                   "application_credential": {"id": ac["id"], "secret": ac["secret"]}}})
+    raw = stack.raw(None)
+    headers = {"X-Auth-Token": short, "X-Auth-TenantId": ta}
+    assert raw.request("GET", "/v1.41/info", headers=headers)[0] == 200  # valid now (and cached)
+
+    def refused():
+        status, out = raw.request("GET", "/v1.41/info", headers=headers)
+        return status == 403 and b"fdcs-login" in out and out
+    out = wait_for(refused, timeout=30, interval=0.5, what="the token to expire")
+    assert b"expired" in out or b"invalid" in out

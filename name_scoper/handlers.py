@@ -1,0 +1,293 @@
+"""From one tenant request to an :class:`~name_scoper.exchange.Exchange`.
+
+``prepare`` reads the request the way the plugin does (``authz_plugin``'s
+canonicalisation and endpoint table, so both sides agree on what a path
+means), then applies the rewriting of ``rewrite.py`` field by field.  The
+I/O it needs is small and explicit: id-prefix resolution against the
+ownership store (one Redis round trip, in a thread), and sub-requests to the
+engine through the caller's own identity (the tenant's default network, the
+tenant's counts for ``/info``).
+
+The plugin stays the enforcement point: whatever the rewriting lets through
+is still decided by the plugin, and whatever the rewriting cannot make sense
+of is passed on unchanged for the plugin to refuse (with its own message),
+except where a refusal here is clearer (reserved labels, forged tenant
+filters, private registry credentials).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+
+from authz_plugin import endpoints, shapes
+from authz_plugin.config import Config
+from authz_plugin.errors import BadRequest, FdcsError
+from authz_plugin.request import parse as parse_request
+from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL, looks_like_id
+
+from . import rewrite
+from .exchange import Engine, Exchange, Headers
+from .rewrite import Scope
+
+log = logging.getLogger(__name__)
+
+V = "/v1.41"
+
+
+@dataclass
+class Context:
+    """Per-process state of the scoper's rewriting."""
+
+    cfg: Config
+    store: object  # authz_plugin.ownership.Store
+    #: tenants whose default network was seen recently: tenant -> monotonic time
+    default_networks: dict[str, float] = field(default_factory=dict)
+    default_network_ttl: float = 60.0
+
+    @property
+    def api_version(self) -> str:
+        return self.cfg["scoper.api_version"]
+
+
+def _hdict(headers: Headers) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+
+
+def _target(version: str | None, path: str, query: list[tuple[str, str]]) -> str:
+    t = (f"/v{version}" if version else "") + urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
+    if query:
+        t += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
+    return t
+
+
+class Response:
+    """The response rewriter for one request (see exchange.ResponseRewriter)."""
+
+    def __init__(self, scope: Scope, api_cap: str, body_rewrite=None, mode: str = "json",
+                 ok_statuses=(200, 201)):
+        self.scope = scope
+        self.api_cap = api_cap
+        self.body_rewrite = body_rewrite  # bytes -> bytes, on success
+        self.mode = mode
+        self.ok = ok_statuses
+
+    def head(self, status: int, headers: Headers) -> tuple[str, Headers]:
+        out = []
+        is_json = False
+        for k, v in headers:
+            lk = k.lower()
+            if lk == b"api-version":
+                v = rewrite.version_cap(v.decode(), self.api_cap).encode()
+            if lk == b"content-type" and v.split(b";")[0].strip() == b"application/json":
+                is_json = True
+            out.append((k, v))
+        if status >= 400:
+            return ("json" if is_json else "stream"), out
+        if self.body_rewrite is None or status not in self.ok:
+            return "stream", out
+        if self.mode == "json" and not is_json:
+            return "stream", out
+        return self.mode, out
+
+    def json(self, status: int, body: bytes):
+        if status >= 400:
+            return rewrite.error(status, body, self.scope)
+        try:
+            return self.body_rewrite(body)
+        except ValueError:
+            log.warning("response body could not be rewritten; answered 502")
+            return 502, b'{"message":"the engine sent a response the name scoper cannot read"}'
+
+    def line(self, line: bytes) -> bytes | None:
+        return rewrite.event_line(line, self.scope)
+
+
+def _resolve(ctx: Context, scope: Scope, kind: str, ref: str) -> str:
+    """What the engine should see for a tenant's reference: its scoped name,
+    or, for a hex-looking reference, the tenant's own full id, own name or
+    unique id prefix (one blocking Redis round trip).  A reference that
+    resolves to nothing of the caller's is passed on as written, for the
+    plugin to refuse as missing."""
+    ref = ref.lstrip("/")
+    if kind == "exec":
+        return ref
+    if kind == "network" and ref in ("bridge", "default"):
+        return scope.default_network
+    if not looks_like_id(ref):
+        return scope.name(ref)
+    scoped = scope.name(ref) if rewrite.valid_original(ref) else None
+    how, value = ctx.store.tenant_ref(kind, scope.tenant, ref, scoped)
+    return value if how in ("id", "name") else ref
+
+
+async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) -> None:
+    now = time.monotonic()
+    if now - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
+        return
+    name = scope.default_network
+    status, _, _ = await engine("GET", f"{V}/networks/{name}")
+    if status == 404:
+        body = json.dumps({"Name": name, "CheckDuplicate": True, "Driver": "bridge",
+                           "Labels": {TENANT_LABEL: scope.tenant, NAME_LABEL: rewrite.DEFAULT_NETWORK}}).encode()
+        status, _, out = await engine("POST", f"{V}/networks/create", body)
+        if status not in (201, 409):
+            raise BadRequest(f"your default network could not be created: {rewrite.error(status, out, scope)[1].decode()}")
+    elif status != 200:
+        raise BadRequest("your default network could not be checked, retry")
+    ctx.default_networks[scope.tenant] = now
+
+
+async def _tenant_counts(scope: Scope, engine: Engine) -> dict[str, int]:
+    flt = urllib.parse.quote(json.dumps({"label": [f"{TENANT_LABEL}={scope.tenant}"]}))
+    status, _, body = await engine("GET", f"{V}/containers/json?all=1&filters={flt}")
+    items = json.loads(body) if status == 200 else []
+    states = [c.get("State") for c in items]
+    return {"Containers": len(items), "ContainersRunning": states.count("running"),
+            "ContainersPaused": states.count("paused"),
+            "ContainersStopped": len(items) - states.count("running") - states.count("paused")}
+
+
+async def prepare(ctx: Context, ident, method: str, target: str, headers: Headers, engine: Engine) -> Exchange:
+    """The exchange for one authenticated tenant request (see module doc)."""
+    if ident.is_admin:
+        return Exchange(method, target, headers, request_body="stream")
+    try:
+        return await _prepare(ctx, Scope(ident.project_id), method, target, headers, engine)
+    except FdcsError as e:
+        return Exchange(method, target, headers, reject=(e.status if e.status < 500 else 400, str(e)))
+
+
+async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers: Headers,
+                   engine: Engine) -> Exchange:
+    hd = _hdict(headers)
+    if any(k.lower() == "x-registry-auth" for k in hd):
+        return Exchange(method, target, headers, reject=(
+            403, "X-Registry-Auth is not accepted: images are shared by all tenants, so only public "
+                 "images from the allowed registries can be pulled"))
+    try:
+        req = parse_request(method, target, hd, None, "1.12", "9.99")
+    except BadRequest:
+        # let the plugin refuse with its own message
+        return Exchange(method, target, headers, request_body="stream",
+                        response=Response(scope, ctx.api_version))
+    ep = endpoints.match(req.method, req.path)
+    cap = ctx.api_version
+    passthru = Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))
+    if ep is None:
+        return passthru
+    params = endpoints.params(ep, req.path)
+    query = list(req.query)
+    path = req.path
+    ex = Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))
+
+    def set_query(key: str, value: str) -> None:
+        for i, (k, _) in enumerate(query):
+            if k == key:
+                query[i] = (k, value)
+                return
+
+    # path reference
+    if "ref" in params and ep.kind:
+        ref = params["ref"]
+        if ep.kind == "network" and ref in ("bridge", "default") and method == "DELETE":
+            return Exchange(method, target, headers, reject=(403, "bridge is a pre-defined network and cannot be removed"))
+        if looks_like_id(ref):
+            resolved = await asyncio.to_thread(_resolve, ctx, scope, ep.kind, ref)
+        else:
+            resolved = _resolve(ctx, scope, ep.kind, ref)
+        m = ep.pattern.match(path)
+        path = path[:m.start("ref")] + resolved + path[m.end("ref"):]
+
+    action = ep.action
+    if action == "scoped":
+        resource = {"/containers/json": "containers", "/containers/prune": "containers", "/networks": "networks",
+                    "/networks/prune": "networks", "/volumes": "volumes", "/volumes/prune": "volumes",
+                    "/events": "events"}[req.path]
+        value = rewrite.filters(req.qall("filters"), scope, resource)
+        if req.qall("filters"):
+            set_query("filters", value)
+        else:
+            query.append(("filters", value))
+        if req.path.endswith("/prune"):
+            ex.response = Response(scope, cap, lambda b: rewrite.prune_result(b, scope))
+        elif resource == "events":
+            ex.response = Response(scope, cap, lambda b: b, mode="lines")
+        else:
+            fn = {"containers": rewrite.container_list, "networks": rewrite.network_list,
+                  "volumes": rewrite.volume_list}[resource]
+            ex.response = Response(scope, cap, lambda b: fn(b, scope))
+    elif action == "container_create":
+        name = req.q("name")
+        original = None
+        if name:
+            original = name.lstrip("/")
+            set_query("name", scope.name(original))
+        ex.request_body = "json"
+        # The proxy hands the buffered body to rewrite_body synchronously;
+        # hex references (rare) are resolved there with one blocking Redis
+        # round trip each.
+        def rewrite_body(body: bytes) -> bytes:
+            resolver = lambda kind, ref: _resolve(ctx, scope, kind, ref)  # noqa: E731
+            return rewrite.container_create(body, scope, original, ctx.cfg["scoper.default_pids_limit"], resolver)[0]
+
+        ex.rewrite_body = rewrite_body
+        # The tenant's default network must exist before the engine reads the
+        # body; create it now (cheap when cached) rather than after the body.
+        await _ensure_default_network(ctx, scope, engine)
+        ex.response = Response(scope, cap)
+    elif action == "container_rename":
+        new = req.q("name")
+        if new:
+            set_query("name", scope.name(new.lstrip("/")))
+    elif action in ("network_connect", "network_disconnect"):
+        ex.request_body = "json"
+        disconnect = action == "network_disconnect"
+
+        def rewrite_body(body: bytes) -> bytes:
+            resolver = lambda kind, ref: _resolve(ctx, scope, kind, ref)  # noqa: E731
+            return rewrite.network_connect(body, scope, resolver, disconnect)
+        ex.rewrite_body = rewrite_body
+    elif action == "network_create":
+        ex.request_body = "json"
+        ex.rewrite_body = lambda b: rewrite.network_create(b, scope)
+    elif action == "volume_create":
+        ex.request_body = "json"
+        generated = secrets.token_hex(32)
+        ex.rewrite_body = lambda b: rewrite.volume_create(b, scope, generated)
+        ex.response = Response(scope, cap, lambda b: rewrite.volume_inspect(b, scope), ok_statuses=(201,))
+    elif action in ("exec_create", "container_update", "exec_start"):
+        shape = {"exec_create": shapes.EXEC_CONFIG, "container_update": shapes.UPDATE_CONFIG,
+                 "exec_start": shapes.EXEC_START}[action]
+        ex.request_body = "json"
+        ex.rewrite_body = lambda b: rewrite.canonical(b, shape)
+    elif action == "own" and method == "GET":
+        if req.path.endswith("/json") and ep.kind == "container":
+            ex.response = Response(scope, cap, lambda b: rewrite.container_inspect(b, scope))
+        elif ep.kind == "network":
+            ex.response = Response(scope, cap, lambda b: rewrite.network_inspect(b, scope))
+        elif ep.kind == "volume":
+            ex.response = Response(scope, cap, lambda b: rewrite.volume_inspect(b, scope))
+    elif req.path == "/info":
+        counts = await _tenant_counts(scope, engine)
+
+        def info(b: bytes) -> bytes:
+            doc = json.loads(b)
+            doc.update(counts)
+            return json.dumps(doc).encode()
+        ex.response = Response(scope, cap, info)
+    elif req.path == "/version":
+        def version(b: bytes) -> bytes:
+            doc = json.loads(b)
+            if isinstance(doc.get("ApiVersion"), str):
+                doc["ApiVersion"] = rewrite.version_cap(doc["ApiVersion"], cap)
+            return json.dumps(doc).encode()
+        ex.response = Response(scope, cap, version)
+
+    ex.target = _target(req.version, path, query)
+    return ex

@@ -1,0 +1,179 @@
+"""The name scoper's pure rewriting: names in, names out."""
+
+import json
+
+import pytest
+
+from authz_plugin.errors import BadRequest
+from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL
+from name_scoper import rewrite
+from name_scoper.rewrite import Scope
+
+TA, TB = "a" * 32, "b" * 32
+S = Scope(TA)
+
+
+def resolver(kind, ref):
+    """As handlers._resolve with an empty store: names are scoped."""
+    if kind == "network" and ref in ("bridge", "default"):
+        return S.default_network
+    return ref if len(ref) == 64 else S.name(ref)
+
+
+def create(body, name="web"):
+    out, default = rewrite.container_create(json.dumps(body).encode(), S, name, 512, resolver)
+    return json.loads(out), default
+
+
+def test_create_scopes_every_name_and_injects_labels_and_defaults():
+    body = {"Image": "busybox", "Labels": {"x": "y"},
+            "HostConfig": {"NetworkMode": "default", "Binds": ["data:/data:ro", "/anon"],
+                           "VolumesFrom": ["db:ro"], "Links": ["db", "cache:c"],
+                           "Mounts": [{"Type": "volume", "Source": "v2", "Target": "/v2"}],
+                           "PidMode": "container:db"}}
+    out, default = create(body)
+    hc = out["HostConfig"]
+    assert default and hc["NetworkMode"] == f"{TA}_bridge"
+    assert out["Labels"] == {"x": "y", TENANT_LABEL: TA, NAME_LABEL: "web"}
+    assert hc["Binds"] == [f"{TA}_data:/data:ro", "/anon"]
+    assert hc["VolumesFrom"] == [f"{TA}_db:ro"]
+    assert hc["Mounts"][0]["Source"] == f"{TA}_v2"
+    assert hc["PidMode"] == f"container:{TA}_db"
+    assert hc["PidsLimit"] == 512
+    assert hc["Links"] is None  # moved to the endpoint: the engine ignores them on a user-defined network
+    ep = out["NetworkingConfig"]["EndpointsConfig"][f"{TA}_bridge"]
+    assert ep["Links"] == [f"{TA}_db:db", f"{TA}_cache:c"] and ep["Aliases"] == ["web"]
+
+
+def test_create_keeps_explicit_networks_and_none():
+    out, default = create({"Image": "x", "HostConfig": {"NetworkMode": "none"}})
+    assert out["HostConfig"]["NetworkMode"] == "none" and not default
+    out, default = create({"Image": "x", "HostConfig": {"NetworkMode": "backend"},
+                           "NetworkingConfig": {"EndpointsConfig": {"backend": {"Aliases": ["api"]}}}})
+    assert out["HostConfig"]["NetworkMode"] == f"{TA}_backend"
+    assert out["NetworkingConfig"]["EndpointsConfig"][f"{TA}_backend"]["Aliases"] == ["api", "web"]
+    assert not default
+
+
+def test_create_refuses_reserved_labels_and_bad_names():
+    with pytest.raises(BadRequest, match="reserved"):
+        create({"Image": "x", "Labels": {TENANT_LABEL: TB}})
+    with pytest.raises(BadRequest, match="invalid name"):
+        create({"Image": "x"}, name="we b")
+
+
+def test_create_refuses_what_the_engine_would_read_differently():
+    with pytest.raises(BadRequest):
+        rewrite.container_create(b'{"Image":"x","HostConfig":{},"hostconfig":{"Privileged":true}}', S, None, 5, resolver)
+
+
+def test_host_paths_are_left_for_the_plugin_to_refuse():
+    out, _ = create({"Image": "x", "HostConfig": {"Binds": ["/etc:/h"]}})
+    assert out["HostConfig"]["Binds"] == ["/etc:/h"]
+
+
+def test_network_and_volume_create():
+    out = json.loads(rewrite.network_create(b'{"Name":"backend","Labels":{}}', S))
+    assert out["Name"] == f"{TA}_backend" and out["Labels"] == {TENANT_LABEL: TA, NAME_LABEL: "backend"}
+    with pytest.raises(BadRequest):
+        rewrite.network_create(b'{"Name":"bridge"}', S)
+    out = json.loads(rewrite.volume_create(b'{"Name":""}', S, "f" * 64))
+    assert out["Name"] == f"{TA}_" + "f" * 64
+    out = json.loads(rewrite.volume_create(b'{"Name":"data"}', S, "x"))
+    assert out["Name"] == f"{TA}_data" and out["Labels"][NAME_LABEL] == "data"
+
+
+def test_connect_adds_the_original_name_as_alias():
+    out = json.loads(rewrite.network_connect(b'{"Container":"web"}', S, resolver, False))
+    assert out["Container"] == f"{TA}_web" and out["EndpointConfig"]["Aliases"] == ["web"]
+
+
+@pytest.mark.parametrize("raw,expect_label", [
+    ([], True), (['{"name":["web"]}'], True), (['{"label":{"x=y":true}}'], True), (['{"label":["x=y"]}'], True),
+])
+def test_filters_merge_the_tenant_label_in_both_shapes(raw, expect_label):
+    out = json.loads(rewrite.filters(raw, S, "containers"))
+    assert out["label"][f"{TENANT_LABEL}={TA}"] is True
+
+
+def test_filters_refuse_forged_and_duplicate():
+    with pytest.raises(BadRequest):
+        rewrite.filters([json.dumps({"label": [f"{TENANT_LABEL}={TB}"]})], S, "containers")
+    with pytest.raises(BadRequest):
+        rewrite.filters(["{}", "{}"], S, "containers")
+    with pytest.raises(BadRequest):
+        rewrite.filters(['{"label":["a"],"label":["b"]}'], S, "containers")
+
+
+def test_filters_scope_name_bearing_values():
+    out = json.loads(rewrite.filters([json.dumps({"network": ["backend"], "volume": ["data", "/mnt"],
+                                                  "name": ["^web$"]})], S, "containers"))
+    assert list(out["network"]) == [f"{TA}_backend"]
+    assert set(out["volume"]) == {f"{TA}_data", "/mnt"}
+    assert list(out["name"]) == [f"^/?{TA}_web$"]
+
+
+def test_container_list_out():
+    items = [{"Names": [f"/{TA}_web", f"/{TA}_app/{TA}_web"], "Labels": {TENANT_LABEL: TA},
+              "HostConfig": {"NetworkMode": f"{TA}_bridge"},
+              "NetworkSettings": {"Networks": {f"{TA}_bridge": {}}}, "Mounts": [{"Name": f"{TA}_data"}]},
+             {"Names": [f"/{TB}_web"], "Labels": {TENANT_LABEL: TB}}]
+    out = json.loads(rewrite.container_list(json.dumps(items).encode(), S))
+    assert len(out) == 1
+    assert out[0]["Names"] == ["/web", "/app/web"] and out[0]["HostConfig"]["NetworkMode"] == "bridge"
+    assert list(out[0]["NetworkSettings"]["Networks"]) == ["bridge"] and out[0]["Mounts"][0]["Name"] == "data"
+
+
+def test_inspect_out():
+    c = {"Name": f"/{TA}_web", "HostConfig": {"NetworkMode": f"container:{TA}_db", "Links": [f"/{TA}_db:/{TA}_web/db"],
+                                               "VolumesFrom": [f"{TA}_db:ro"], "Binds": [f"{TA}_data:/d"]},
+         "NetworkSettings": {"Networks": {f"{TA}_backend": {}}}, "Mounts": [{"Name": f"{TA}_data"}]}
+    out = json.loads(rewrite.container_inspect(json.dumps(c).encode(), S))
+    assert out["Name"] == "/web" and out["HostConfig"]["NetworkMode"] == "container:db"
+    assert out["HostConfig"]["Links"] == ["/db:/web/db"] and out["HostConfig"]["VolumesFrom"] == ["db:ro"]
+    assert out["HostConfig"]["Binds"] == ["data:/d"] and list(out["NetworkSettings"]["Networks"]) == ["backend"]
+
+
+def test_network_inspect_shows_only_own_containers():
+    n = {"Name": f"{TA}_backend", "Labels": {TENANT_LABEL: TA},
+         "Containers": {"1": {"Name": f"{TA}_web"}, "2": {"Name": f"{TB}_web"}}}
+    out = json.loads(rewrite.network_inspect(json.dumps(n).encode(), S))
+    assert out["Name"] == "backend" and out["Containers"] == {"1": {"Name": "web"}}
+    lst = json.loads(rewrite.network_list(json.dumps([n, dict(n, Labels={TENANT_LABEL: TB})]).encode(), S))
+    assert [x["Name"] for x in lst] == ["backend"]
+
+
+def test_volume_list_out():
+    doc = {"Volumes": [{"Name": f"{TA}_data", "Labels": {TENANT_LABEL: TA}},
+                       {"Name": f"{TB}_data", "Labels": {TENANT_LABEL: TB}}], "Warnings": None}
+    out = json.loads(rewrite.volume_list(json.dumps(doc).encode(), S))
+    assert [v["Name"] for v in out["Volumes"]] == ["data"]
+
+
+def test_events():
+    mine = {"Type": "container", "Actor": {"Attributes": {"name": f"{TA}_web", TENANT_LABEL: TA}}}
+    other = {"Type": "container", "Actor": {"Attributes": {"name": f"{TB}_web", TENANT_LABEL: TB}}}
+    out = json.loads(rewrite.event_line(json.dumps(mine).encode(), S))
+    assert out["Actor"]["Attributes"]["name"] == "web"
+    assert rewrite.event_line(json.dumps(other).encode(), S) is None
+    net = {"Type": "network", "Actor": {"Attributes": {"name": f"{TB}_n"}}}
+    assert rewrite.event_line(json.dumps(net).encode(), S) is None
+
+
+def test_errors():
+    status, body = rewrite.error(404, json.dumps({"message": f"No such container: {TA}_web"}).encode(), S)
+    assert (status, json.loads(body)["message"]) == (404, "No such container: web")
+    denial = {"message": f"authorization denied by plugin fdcs-x: No such container: web"}
+    status, body = rewrite.error(403, json.dumps(denial).encode(), S)
+    assert (status, json.loads(body)["message"]) == (404, "No such container: web")
+    other = {"message": "authorization denied by plugin fdcs-x: HostConfig.Privileged is not allowed"}
+    status, body = rewrite.error(403, json.dumps(other).encode(), S)
+    assert status == 403 and json.loads(body) == other
+    conflict = {"message": f'Conflict. The container name "/{TA}_web" is already in use by container "abc".'}
+    assert '"/web"' in json.loads(rewrite.error(409, json.dumps(conflict).encode(), S)[1])["message"]
+
+
+def test_version_cap():
+    assert rewrite.version_cap("1.41", "1.41") == "1.41"
+    assert rewrite.version_cap("1.43", "1.41") == "1.41"
+    assert rewrite.version_cap("1.40", "1.41") == "1.40"
