@@ -1,0 +1,661 @@
+#!/usr/bin/env python3
+"""What the FDCS plugin costs a tenant: ``GET /containers/<ref>/json`` latency.
+
+    python3 benchmarks/plugin_inspect.py [--rounds N] [--requests M] [--warmup W]
+                                         [--concurrency 1,8] [--keep-stack DIR]
+                                         [--profile SECONDS]
+
+Three engines (Debian's dockerd 20.10, each in its own network namespace with
+its own data-root, exec-root and socket) are measured side by side:
+
+* ``fdcs``      -- host 1 of a local stack (``fdcs-devstack``): the real
+  plugin (gunicorn gthread, Keystone token cache, Redis ownership);
+* ``allow-all`` -- ``--authorization-plugin`` naming ``allow_all_plugin.py``
+  (beside this file): the floor, what the engine's plugin machinery costs;
+* ``no-plugin`` -- no authorization plugin at all.
+
+On each, one equivalent container (``<tenant>_bench``, the tenant label,
+``--network none --pids-limit 100 busybox sleep 3600``; on ``fdcs`` created
+as alice, so that the plugin records her ownership) is inspected through the
+engine's unix socket over persistent keep-alive connections, with alice's
+``HttpHeaders`` on every request, by name (on ``fdcs`` the scoped name,
+decided without Redis) and by 12-digit short id (a Redis prefix look-up).
+Every (concurrency, engine, reference) series runs ``--requests`` requests
+per round, the series of a round in rotating order, for ``--rounds`` rounds;
+a warm-up per series is not counted.  The table gives p50, p99, mean and
+throughput per series, the CPU per request of dockerd and of the plugin, and
+for ``fdcs`` the ratios to ``allow-all`` and ``no-plugin`` at p50 and p99
+(pooled over all rounds; ``rnd`` is the median of the per-round p50 ratios,
+which shrugs off a noisy round) and the plugin's own decision time for the
+request hook, from its audit log.  ``--profile SECONDS`` then samples the
+plugin's gunicorn workers with ``py-spy record --gil`` while inspecting by
+name, then by id, and lists the heaviest functions in microseconds per
+request.
+
+Everything started is stopped in a ``finally`` (also on Ctrl-C or SIGTERM):
+the two extra engines (containers, dockerd by pid, mounts, namespaces), the
+allow-all plugin and its socket, and the stack (``fdcs-devstack down``).
+``--keep-stack DIR`` uses (or brings up) the stack in DIR and leaves it
+running afterwards, without the benchmark's container: for repeated runs.
+
+Root only (it starts dockerd); uses the devstack's helpers in
+``authz_plugin/devstack`` for the engines, without changing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from authz_plugin.devstack import Stack
+from authz_plugin.devstack import _engine
+from authz_plugin.devstack._procs import Commands, live_pid, terminate, unix_http, wait_until
+from authz_plugin.devstack._stack import plugin_ready
+from authz_plugin.devstack._state import Host, Layout
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from allow_all_plugin import Reader  # noqa: E402 -- benchmark code beside this file
+ALLOW_ALL = HERE / "allow_all_plugin.py"
+TENANT_LABEL = "org.fiware.fdcs.tenant"
+TARGET_P50_RATIO = 1.3
+ENGINES = ("fdcs", "allow-all", "no-plugin")
+REFS = ("name", "id")
+
+
+class BenchHost(Host):
+    """A benchmark engine: the devstack's host layout under our temp dir, with
+    names of our own (netns ``fdcsbench-ID-hK``, plugin
+    ``/run/docker/plugins/fdcsbench-ID-hK.sock``) that no stack can own."""
+
+    @property
+    def name(self) -> str:
+        return f"fdcsbench-{self.stack_id}-{self.suffix}"
+
+
+# -- the run's resources, each released in the finally ------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="fdcsb-", dir="/tmp"))
+        self.layout = Layout(self.tmp)  # busybox.tar, admin-key/ (empty config) of our engines
+        (self.tmp / "logs").mkdir()
+        (self.tmp / "run").mkdir()
+        self.cmds = Commands(self.tmp / "logs")
+        sid = secrets.token_hex(3)
+        self.hosts = {
+            "allow-all": BenchHost(1, self.tmp / "h1", sid),
+            "no-plugin": BenchHost(2, self.tmp / "h2", sid),
+        }
+        self.keep = args.keep_stack is not None
+        self.stack = Stack(args.keep_stack if self.keep else self.tmp / "stack")
+        self.stack_started = False
+        self.engine_pids: dict[str, int] = {}
+        self.netns_made: list[BenchHost] = []
+        self.plugin_pid: int | None = None
+        self.sockets: dict[str, str] = {}
+        self.fdcs_container: str | None = None
+        self.alice_config = ""
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """The stack in a thread, meanwhile our two engines; then the containers."""
+        with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="devstack") as pool:
+            self.stack_started = True
+            # a kept stack keeps its number of hosts; the benchmark uses host 1
+            up = pool.submit(self.stack.up, None if self.keep else 1)
+            _engine.build_busybox_tar(self.layout.busybox_tar, self.cmds)
+            self._start_plugin(self.hosts["allow-all"])
+            for label, host in self.hosts.items():
+                self._start_engine(label, host, with_plugin=label == "allow-all")
+            say(f"stack: waiting for fdcs-devstack up in {self.stack.dir}")
+            took = up.result()
+            say(f"stack: up ({took:.0f} s)")
+        env = self.stack.env()
+        self.alice_config = env["FDCS_CONFIG_A1"]
+        self.tenant = env["FDCS_TENANT_A"]
+        self.fdcs_log = Path(self.stack.dir) / "logs" / "authz-h1.log"
+        self.sockets["fdcs"] = env["FDCS_ENGINE_HOSTS"].split()[0].removeprefix("unix://")
+        for label, host in self.hosts.items():
+            self.sockets[label] = str(host.engine_socket)
+        cfg = json.loads((Path(self.alice_config) / "config.json").read_text())
+        self.headers = {**cfg["HttpHeaders"], "User-Agent": "fdcs-bench"}
+        self.name = f"{self.tenant}_bench"
+        self.ids: dict[str, str] = {}
+        for label in ENGINES:
+            self.ids[label] = self._container(label)
+        authz = self.stack.pid("authz-h1")
+        self.pids = {
+            "fdcs": ([p for p in [self.stack.pid("engine-h1")] if p],
+                     [p for p in [authz, *(children(authz) if authz else []), self.stack.pid("redis")] if p]),
+            "allow-all": ([self.engine_pids["allow-all"]], [self.plugin_pid]),
+            "no-plugin": ([self.engine_pids["no-plugin"]], []),
+        }
+
+    def _start_plugin(self, host: BenchHost) -> None:
+        comp = f"plugin-{host.suffix}"
+        self.plugin_pid = self.cmds.spawn(comp, [sys.executable, str(ALLOW_ALL), "--socket", str(host.plugin_socket)],
+                                          self.tmp / "run" / f"{comp}.pid")
+        wait_until(lambda: plugin_ready(host), component=comp, log=self.cmds.log_path(comp), timeout=20,
+                   pid=self.plugin_pid)
+
+    def _start_engine(self, label: str, host: BenchHost, with_plugin: bool) -> None:
+        comp = _engine.component(host)
+        if _engine.ensure_netns(host, self.cmds):
+            self.netns_made.append(host)
+        host.dir.mkdir()
+        argv = _engine.dockerd_argv(host)
+        if not with_plugin:
+            i = argv.index("--authorization-plugin")
+            del argv[i : i + 2]
+        pid = self.cmds.spawn(comp, argv, self.tmp / "run" / f"{comp}.pid")
+        self.engine_pids[label] = pid
+        wait_until(lambda: _engine.ping(host, {}), component=comp, log=self.cmds.log_path(comp), timeout=90, pid=pid)
+        _engine.import_busybox(host, self.layout, self.cmds)
+        say(f"{label}: dockerd pid {pid} on {host.engine_socket}")
+
+    def _docker(self, label: str, *args: str, check: bool = True) -> str:
+        argv = [_engine.DOCKER, "--config", self.alice_config, "--host", f"unix://{self.sockets[label]}", *args]
+        if not check:
+            try:
+                return self.cmds.run("bench", argv, capture=True, timeout=60)
+            except Exception:
+                return ""
+        return self.cmds.run("bench", argv, capture=True, timeout=60)
+
+    def _container(self, label: str) -> str:
+        if label == "fdcs":
+            # a kept stack may still hold the container of an interrupted run
+            self._docker(label, "rm", "-f", self.name, check=False)
+        cid = self._docker(label, "run", "-d", "--name", self.name, "--label", f"{TENANT_LABEL}={self.tenant}",
+                           "--network", "none", "--pids-limit", "100", "busybox", "sleep", "3600").strip()
+        if label == "fdcs":
+            self.fdcs_container = cid
+        say(f"{label}: container {self.name} {cid[:12]}")
+        return cid
+
+    # -- stop ------------------------------------------------------------------------
+
+    def keep_logs(self) -> Path:
+        """Copy the logs (ours and the stack's) out of what clean-up removes."""
+        dest = Path(tempfile.mkdtemp(prefix="fdcsb-failed-logs-", dir="/tmp"))
+        for src, name in ((self.tmp / "logs", "bench"), (Path(self.stack.dir) / "logs", "stack")):
+            if src.is_dir():
+                shutil.copytree(src, dest / name)
+        return dest
+
+    def cleanup(self) -> list[str]:
+        """Release everything, continuing past failures; returns the problems."""
+        problems: list[str] = []
+
+        def attempt(what: str, fn, *a) -> None:
+            try:
+                fn(*a)
+            except BaseException as e:  # noqa: BLE001 -- keep cleaning up
+                problems.append(f"{what}: {e}")
+
+        run = self.tmp / "run"
+        for label, host in self.hosts.items():
+            # signalled only while the pid file's process is alive and ours (live_pid)
+            pid = live_pid(run / f"{_engine.component(host)}.pid")
+            if pid is not None or host.dir.exists():
+                attempt(f"stop {label} engine", _engine.stop, host, pid, self.cmds)
+        pid = live_pid(run / f"plugin-{self.hosts['allow-all'].suffix}.pid")
+        if pid is not None:
+            attempt("stop allow-all plugin", terminate, pid)
+        for host in self.hosts.values():
+            attempt(f"remove {host.plugin_socket}", host.plugin_socket.unlink, True)
+            attempt(f"unmount under {host.dir}", _engine.unmount_under, host.dir, self.cmds)
+        for host in self.netns_made:
+            attempt(f"delete netns {host.name}", _engine.delete_netns, host, self.cmds)
+        if self.stack_started:
+            if self.keep:
+                if self.fdcs_container:
+                    attempt("remove the benchmark container", self._docker, "fdcs", "rm", "-f", self.fdcs_container)
+            else:
+                attempt("fdcs-devstack down", self.stack.down)
+        left = _engine.mounts_under(self.tmp)
+        if left:
+            problems.append(f"still mounted, {self.tmp} kept: {', '.join(left)}")
+        else:
+            attempt(f"remove {self.tmp}", shutil.rmtree, self.tmp)
+        return problems
+
+
+# -- measuring -----------------------------------------------------------------------
+
+
+class Series:
+    """One (concurrency, engine, reference): latencies per round, batch wall times."""
+
+    def __init__(self, conc: int, engine: str, ref: str):
+        self.conc, self.engine, self.ref = conc, engine, ref
+        self.rounds: list[list[int]] = []  # ns
+        self.wall_ns = 0
+        self.engine_cpu_ns = 0.0  # dockerd
+        self.plugin_cpu_ns = 0.0  # the plugin (for fdcs: gunicorn and Redis)
+
+    @property
+    def all(self) -> list[int]:
+        return sorted(x for r in self.rounds for x in r)
+
+
+def pct(sorted_ns: list[int], p: float) -> float:
+    """Nearest-rank percentile, in microseconds."""
+    if not sorted_ns:
+        return float("nan")
+    return sorted_ns[max(0, math.ceil(p / 100 * len(sorted_ns)) - 1)] / 1000
+
+
+class Client:
+    """``conc`` persistent keep-alive connections to one engine socket.
+
+    A minimal HTTP/1.1 client (a prebuilt request, :class:`Reader` for the
+    answer): ``http.client`` costs some 150 us per request here, on every
+    engine alike, which would flatten the ratios."""
+
+    def __init__(self, path: str, conc: int, headers: dict[str, str]):
+        self.socks = []
+        for _ in range(conc):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(60.0)
+            s.connect(path)
+            self.socks.append(s)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+    def request(self, url: str) -> bytes:
+        return f"GET {url} HTTP/1.1\r\nHost: docker\r\n{self.headers}\r\n".encode()
+
+    @staticmethod
+    def _loop(sock: socket.socket, req: bytes, n: int, out: list[int], errors: list[str]) -> None:
+        pc = time.perf_counter_ns
+        r = Reader(sock)
+        send, head, body = sock.sendall, r.head, r.body
+        try:
+            for _ in range(n):
+                t0 = pc()
+                send(req)
+                status, headers = head()
+                data = body(headers)
+                t1 = pc()
+                if status[9:12] != b"200":
+                    errors.append(f"{req.split()[1].decode()}: {status.decode()} {data[:300]!r}")
+                    return
+                out.append(t1 - t0)
+        except Exception as e:  # noqa: BLE001 -- reported by the caller
+            errors.append(f"{req.split()[1].decode()}: {e!r}")
+
+    def batch(self, url: str, n: int) -> tuple[list[int], int]:
+        """``n`` requests spread over the connections; (latencies, wall ns)."""
+        req = self.request(url)
+        errors: list[str] = []
+        k = len(self.socks)
+        if k == 1:
+            out: list[int] = []
+            t0 = time.perf_counter_ns()
+            self._loop(self.socks[0], req, n, out, errors)
+            wall = time.perf_counter_ns() - t0
+        else:
+            outs: list[list[int]] = [[] for _ in range(k)]
+            barrier = threading.Barrier(k + 1)
+
+            def run(i: int) -> None:
+                barrier.wait()
+                self._loop(self.socks[i], req, n // k + (i < n % k), outs[i], errors)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            t0 = time.perf_counter_ns()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter_ns() - t0
+            out = [x for o in outs for x in o]
+        if errors:
+            raise RuntimeError(f"request failed: {errors[0]}")
+        return out, wall
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def audit_us(log: Path, start: int, end: int) -> dict[str, list[int]]:
+    """The plugin's request-hook decision times (audit ``us``) logged between
+    two offsets of its log, by reference kind of ``/containers/REF/json``."""
+    out: dict[str, list[int]] = {"name": [], "id": []}
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            data = f.read(max(0, end - start)).decode(errors="replace")
+    except OSError:
+        return out
+    for line in data.splitlines():
+        if "fdcs.audit" not in line or '"hook":"request"' not in line:
+            continue
+        try:
+            rec = json.loads(line[line.index("{"):])
+        except ValueError:
+            continue
+        parts = rec.get("path", "").split("/")
+        if len(parts) == 4 and parts[1] == "containers" and parts[3] == "json" and rec.get("allow"):
+            out["name" if "_" in parts[2] else "id"].append(int(rec.get("us", 0)))
+    return out
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+_TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ns(pids: list[int]) -> float:
+    """utime + stime of processes (all their threads, live and exited), in ns;
+    clock-tick resolution, unbiased once summed over many batches."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total * _TICK_NS
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tuple[list[Series], dict[str, list[int]]]:
+    urls = {(e, r): f"/v1.41/containers/{b.name if r == 'name' else b.ids[e][:12]}/json"
+            for e in ENGINES for r in REFS}
+    clients = {e: Client(b.sockets[e], conc, b.headers) for e in ENGINES}
+    series = [Series(conc, e, r) for r in REFS for e in ENGINES]
+    try:
+        for s in series:  # warm-up: connections, token caches, engine caches
+            clients[s.engine].batch(urls[s.engine, s.ref], warmup)
+        start = log_size(b.fdcs_log)
+        gc.collect()
+        gc.disable()
+        try:
+            for rnd in range(rounds):
+                k = rnd % len(series)
+                for s in series[k:] + series[:k]:
+                    eng, plug = b.pids[s.engine]
+                    e0, p0 = cpu_ns(eng), cpu_ns(plug)
+                    lat, wall = clients[s.engine].batch(urls[s.engine, s.ref], requests)
+                    s.engine_cpu_ns += cpu_ns(eng) - e0
+                    s.plugin_cpu_ns += cpu_ns(plug) - p0
+                    s.rounds.append(lat)
+                    s.wall_ns += wall
+        finally:
+            gc.enable()
+        time.sleep(0.3)  # let the plugin's last audit lines reach its log
+        return series, audit_us(b.fdcs_log, start, log_size(b.fdcs_log))
+    finally:
+        for c in clients.values():
+            c.close()
+
+
+# -- report ------------------------------------------------------------------------
+
+
+def machine() -> list[str]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return [
+        f"date     {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
+        f"machine  {platform.node()}: nproc {len(os.sched_getaffinity(0))}, {cpu}, "
+        f"Linux {platform.release()}, Python {platform.python_version()}",
+    ]
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "-"
+
+
+def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]]], args, load: tuple) -> str:
+    ver = unix_http(b.sockets["no-plugin"], "GET", "/v1.41/version", timeout=5)
+    dockerd = json.loads(ver[1]).get("Version", "?") if ver and ver[0] == 200 else "?"
+    lines = machine() + [
+        f"engines  dockerd {dockerd} (Debian docker.io), each in its own netns; fdcs: fdcs-authz "
+        "(gunicorn gthread, the stack's configuration), allow-all: benchmarks/allow_all_plugin.py",
+        f"run      GET /v1.41/containers/<ref>/json over keep-alive unix-socket connections, {args.rounds} rounds "
+        f"x {args.requests} requests per series, warm-up {args.warmup} per series not counted, series "
+        f"interleaved round-robin; load average {load[0]:.2f} before, {load[1]:.2f} after",
+        "columns  latency per request (us) and throughput; CPU per request (us) of dockerd and of the plugin "
+        "(fdcs: gunicorn master + workers + Redis); fdcs/allow and fdcs/none: latency ratios at p50 and p99 "
+        "pooled over all rounds, rnd = median over rounds of the per-round p50 ratio; audit: the plugin's own "
+        "request-hook decision time (p50 of the audit log's us field)",
+        "",
+    ]
+    head = (f"{'conc':>4} {'ref':<4} {'engine':<9} {'n':>6} {'p50':>7} {'p99':>7} {'mean':>7} {'req/s':>6} "
+            f"{'cpu:dockerd':>11} {'plugin':>6} | {'fdcs/allow p50':>14} {'p99':>5} {'rnd':>5} | "
+            f"{'fdcs/none p50':>13} {'p99':>5} {'rnd':>5} | {'audit':>5}")
+    lines += [head, "-" * len(head)]
+    verdicts = []
+    for conc, series, aud in results:
+        by = {(s.engine, s.ref): s for s in series}
+        for ref in REFS:
+            st = {}
+            for e in ENGINES:
+                s = by[e, ref]
+                xs = s.all
+                st[e] = {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "mean": statistics.fmean(xs) / 1000,
+                         "tput": len(xs) / (s.wall_ns / 1e9), "ecpu": s.engine_cpu_ns / len(xs) / 1000,
+                         "pcpu": s.plugin_cpu_ns / len(xs) / 1000,
+                         "rounds": [pct(sorted(r), 50) for r in s.rounds]}
+            for e in ENGINES:
+                x = st[e]
+                pcpu = f"{x['pcpu']:>6.0f}" if e != "no-plugin" else f"{'-':>6}"
+                row = (f"{conc:>4} {ref:<4} {e:<9} {x['n']:>6} {x['p50']:>7.0f} {x['p99']:>7.0f} {x['mean']:>7.0f} "
+                       f"{x['tput']:>6.0f} {x['ecpu']:>11.0f} {pcpu} |")
+                if e == "fdcs":
+                    cols = []
+                    for other, w in (("allow-all", 14), ("no-plugin", 13)):
+                        o = st[other]
+                        rnd = statistics.median(p / q for p, q in zip(x["rounds"], o["rounds"]))
+                        cols.append(f"{ratio(x['p50'], o['p50']):>{w}} {ratio(x['p99'], o['p99']):>5} {rnd:>5.2f}")
+                    us = aud.get(ref, [])
+                    row += f" {cols[0]} | {cols[1]} | " + (f"{statistics.median(us):>5.0f}" if us else f"{'-':>5}")
+                    verdicts.append((conc, ref, x["p50"] / st["allow-all"]["p50"]))
+                lines.append(row.rstrip(" |"))
+        lines.append("")
+    for conc, ref, r in verdicts:
+        ok = "meets" if r <= TARGET_P50_RATIO else "MISSES"
+        lines.append(f"target fdcs/allow-all p50 <= {TARGET_P50_RATIO}: concurrency {conc}, by {ref}: {r:.2f} "
+                     f"-- {ok} the target")
+    return "\n".join(lines)
+
+
+# -- profile -------------------------------------------------------------------------
+
+#: frames every sample of a worker thread or loop goes through: not informative
+_TRIVIAL = ("threading.py", "concurrent/futures/thread.py", "fdcs-authz", "authz_plugin/server.py",
+            "gunicorn/app/base.py", "gunicorn/arbiter.py", "Worker.init_process", "ThreadWorker.init_process",
+            "ThreadWorker.run ")
+
+
+def profile(b: Bench, seconds: float, rate: int) -> str:
+    """Sample the plugin's gunicorn workers with ``py-spy record --gil`` (only
+    the thread holding the GIL: Python CPU, not waiting) while one
+    connection inspects the fdcs container, by name then by short id; report
+    the heaviest functions as microseconds of GIL time per inspect (two
+    plugin hooks)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.path.exists(spy):
+        return "profile: py-spy is not installed (pip install py-spy)"
+    authz = b.stack.pid("authz-h1")
+    workers = children(authz) if authz else []
+    out = [f"profile  py-spy record --gil at {rate} Hz on the plugin's gunicorn workers {workers}, {seconds:.0f} s "
+           "per reference, concurrency 1: microseconds per inspect request (= 2 plugin hooks) during which a "
+           "function was on the stack of the thread holding the GIL (running Python, or descheduled while "
+           "holding it), inclusive; * = the plugin's own code (authz_plugin/)"]
+    for ref in REFS:
+        url = f"/v1.41/containers/{b.name if ref == 'name' else b.ids['fdcs'][:12]}/json"
+        client = Client(b.sockets["fdcs"], 1, b.headers)
+        files = [b.tmp / f"spy-{ref}-{w}.txt" for w in workers]
+        procs = [b.cmds.popen("profile", [spy, "record", "--pid", str(w), "--rate", str(rate), "--duration",
+                                          str(int(seconds)), "--gil", "--format", "raw", "-o", str(f)])
+                 for w, f in zip(workers, files)]
+        try:
+            time.sleep(1.0)  # py-spy attaching
+            n, deadline = 0, time.monotonic() + seconds - 1.5
+            while time.monotonic() < deadline:
+                client.batch(url, 50)
+                n += 50
+            for p in procs:
+                p.wait(timeout=seconds + 30)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            client.close()
+        incl: dict[str, int] = {}
+        total = 0
+        for f in files:
+            try:
+                text = f.read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                stack, _, count = line.rpartition(" ")
+                if not count.isdigit():
+                    continue
+                k = int(count)
+                total += k
+                seen = set()
+                for frame in stack.split(";")[1:]:
+                    fn = frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") and ":" in frame else frame
+                    if fn not in seen and not any(t in fn for t in _TRIVIAL):
+                        seen.add(fn)
+                        incl[fn] = incl.get(fn, 0) + k
+        # an idle worker holds no GIL and yields no sample: all samples fall in the load
+        per_req = 1e6 / rate / max(n, 1)
+        out.append(f"  by {ref}: {n} requests, {total} samples, {total * per_req:.0f} us GIL time per request")
+        for fn, k in sorted(incl.items(), key=lambda kv: -kv[1])[:22]:
+            tag = "*" if "authz_plugin/" in fn else " "
+            out.append(f"    {k * per_req:7.0f} us {tag} {fn}")
+    return "\n".join(out)
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+def say(msg: str) -> None:
+    """Progress on stderr; never raises (a closed pipe, e.g. ``| tee`` killed
+    by the same Ctrl-C, must not cut the clean-up short)."""
+    try:
+        print(f"plugin_inspect: {msg}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _terminated(_sig, _frm):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=20, metavar="N", help="rounds per concurrency (default 20)")
+    ap.add_argument("--requests", type=int, default=200, metavar="M",
+                    help="requests per series and round (default 200)")
+    ap.add_argument("--warmup", type=int, default=100, metavar="W",
+                    help="uncounted requests per series before the rounds (default 100)")
+    ap.add_argument("--concurrency", default="1,8", metavar="C,...",
+                    help="client connections per engine, one pass each (default 1,8)")
+    ap.add_argument("--profile", type=float, metavar="SECONDS", default=0,
+                    help="afterwards, sample the FDCS plugin with py-spy for SECONDS per reference (needs py-spy)")
+    ap.add_argument("--profile-rate", type=int, default=250, metavar="HZ", help="py-spy sampling rate (default 250)")
+    ap.add_argument("--keep-stack", metavar="DIR",
+                    help="use (or bring up) the devstack in DIR and leave it running afterwards")
+    args = ap.parse_args(argv)
+    concs = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if args.rounds < 1 or args.requests < 1 or not concs or min(concs) < 1:
+        ap.error("--rounds, --requests and every --concurrency must be at least 1")
+    if os.geteuid() != 0:
+        ap.error("must run as root (it starts dockerd in network namespaces)")
+
+    signal.signal(signal.SIGTERM, _terminated)
+    b = Bench(args)
+    rc, problems = 0, []
+    try:
+        b.start()
+        load0 = os.getloadavg()[0]
+        results = []
+        for conc in concs:
+            say(f"measuring at concurrency {conc}")
+            series, aud = measure(b, conc, args.rounds, args.requests, args.warmup)
+            results.append((conc, series, aud))
+        print(report(b, results, args, (load0, os.getloadavg()[0])), flush=True)
+        if args.profile > 0:
+            say(f"profiling the FDCS plugin for {2 * max(args.profile, 3.0):.0f} s")
+            print("\n" + profile(b, max(args.profile, 3.0), args.profile_rate), flush=True)
+    except KeyboardInterrupt:
+        rc = 130
+    except Exception as e:  # noqa: BLE001 -- report, clean up, fail
+        rc = 1
+        say(f"failed: {e}")
+        try:
+            say(f"logs kept in {b.keep_logs()}")
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        # a second Ctrl-C (or a TERM) must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if rc == 130:
+            say("interrupted")
+        say("cleaning up")
+        problems = b.cleanup()
+    for p in problems:
+        say(f"clean-up: {p}")
+    if problems and rc == 0:
+        rc = 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
