@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 import urllib.parse
@@ -38,6 +39,8 @@ from .rewrite import Scope
 log = logging.getLogger(__name__)
 
 V = "/v1.41"
+_ADMIN_INSPECT = re.compile(
+    r"^(?:/v[0-9.]+)?/(?:plugins/[^/?]+/json|nodes/[^/?]+|services/[^/?]+|tasks/[^/?]+|secrets/[^/?]+|configs/[^/?]+)(?:\?.*)?$")
 
 
 @dataclass
@@ -70,12 +73,14 @@ class Response:
     """The response rewriter for one request (see exchange.ResponseRewriter)."""
 
     def __init__(self, scope: Scope, api_cap: str, body_rewrite=None, mode: str = "json",
-                 ok_statuses=(200, 201)):
+                 ok_statuses=(200, 201), line=rewrite.event_line, not_owned_status: int = 404):
         self.scope = scope
         self.api_cap = api_cap
         self.body_rewrite = body_rewrite  # bytes -> bytes, on success
         self.mode = mode
         self.ok = ok_statuses
+        self._line = line
+        self.not_owned_status = not_owned_status
 
     def head(self, status: int, headers: Headers) -> tuple[str, Headers]:
         out = []
@@ -97,7 +102,7 @@ class Response:
 
     def json(self, status: int, body: bytes):
         if status >= 400:
-            return rewrite.error(status, body, self.scope)
+            return rewrite.error(status, body, self.scope, self.not_owned_status)
         try:
             return self.body_rewrite(body)
         except ValueError:
@@ -105,7 +110,7 @@ class Response:
             return 502, b'{"message":"the engine sent a response the name scoper cannot read"}'
 
     def line(self, line: bytes) -> bytes | None:
-        return rewrite.event_line(line, self.scope)
+        return self._line(line, self.scope)
 
 
 def _resolve(ctx: Context, scope: Scope, kind: str, ref: str) -> str:
@@ -166,10 +171,17 @@ async def prepare(ctx: Context, ident, method: str, target: str, headers: Header
 async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers: Headers,
                    engine: Engine) -> Exchange:
     hd = _hdict(headers)
-    if any(k.lower() == "x-registry-auth" for k in hd):
-        return Exchange(method, target, headers, reject=(
-            403, "X-Registry-Auth is not accepted: images are shared by all tenants, so only public "
-                 "images from the allowed registries can be pulled"))
+    for k, v in hd.items():
+        if k.lower() == "x-registry-auth":
+            if rewrite.registry_auth_has_credentials(v):
+                return Exchange(method, target, headers, reject=(
+                    403, "registry credentials (X-Registry-Auth) are not accepted: images are shared by all "
+                         "tenants, so only public images from the allowed registries can be pulled"))
+            headers = [(hk, hv) for hk, hv in headers if hk.lower() != b"x-registry-auth"]
+    if method == "GET" and _ADMIN_INSPECT.match(target):
+        # untyped `docker inspect` tries every object type in turn and moves
+        # on only after a 404: answer these as missing, not as refused.
+        return Exchange(method, target, headers, reject=(404, "No such object"))
     try:
         req = parse_request(method, target, hd, None, "1.12", "9.99")
     except BadRequest:
@@ -240,7 +252,7 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
         # The tenant's default network must exist before the engine reads the
         # body; create it now (cheap when cached) rather than after the body.
         await _ensure_default_network(ctx, scope, engine)
-        ex.response = Response(scope, cap)
+        ex.response = Response(scope, cap, not_owned_status=400)
     elif action == "container_rename":
         new = req.q("name")
         if new:
@@ -267,7 +279,9 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
         ex.request_body = "json"
         ex.rewrite_body = lambda b: rewrite.canonical(b, shape)
     elif action == "own" and method == "GET":
-        if req.path.endswith("/json") and ep.kind == "container":
+        if req.path.endswith("/stats") and ep.kind == "container":
+            ex.response = Response(scope, cap, lambda b: b, mode="lines", line=rewrite.stats_line)
+        elif req.path.endswith("/json") and ep.kind == "container":
             ex.response = Response(scope, cap, lambda b: rewrite.container_inspect(b, scope))
         elif ep.kind == "network":
             ex.response = Response(scope, cap, lambda b: rewrite.network_inspect(b, scope))

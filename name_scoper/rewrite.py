@@ -433,9 +433,13 @@ _NOT_OWNED = re.compile(
     re.S)
 
 
-def error(status: int, body: bytes, scope: Scope) -> tuple[int, bytes]:
+def error(status: int, body: bytes, scope: Scope, not_owned_status: int = 404) -> tuple[int, bytes]:
     """Engine and plugin errors: scoped names unscoped; a plugin refusal of a
-    reference the caller does not own becomes the engine's own 404."""
+    reference the caller does not own becomes the engine's own answer for a
+    missing resource: 404 for a path reference, but ``not_owned_status``
+    (400, as the engine answers for a missing link target) for a reference
+    inside a create body, where clients read 404 as "no such image" and
+    start pulling."""
     try:
         doc = json.loads(body)
     except ValueError:
@@ -445,9 +449,41 @@ def error(status: int, body: bytes, scope: Scope) -> tuple[int, bytes]:
     msg = doc["message"].rstrip("\n")
     m = _NOT_OWNED.match(msg)
     if m:
-        status, msg = 404, m.group(1)
+        status, msg = not_owned_status, m.group(1)
     doc["message"] = scope.text(msg)
     return status, _dump(doc)
+
+
+def stats_line(line: bytes, scope: Scope) -> bytes | None:
+    """One stats document: the container's name unscoped."""
+    if not line.strip():
+        return line
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("name"), str):
+        doc["name"] = scope.out_path(doc["name"])
+    return _dump(doc) + b"\n"
+
+
+def registry_auth_has_credentials(value: str) -> bool:
+    """Whether an ``X-Registry-Auth`` header carries credentials.  The CLI
+    sends ``e30=`` (``{}``) on every pull; anything that does not decode to
+    an object without credentials counts as credentials."""
+    import base64
+    try:
+        raw = base64.urlsafe_b64decode(value.strip() + "=" * (-len(value.strip()) % 4))
+        doc = json.loads(raw or b"{}")
+    except ValueError:
+        return True
+    if not isinstance(doc, dict):
+        return True
+    # the engine decodes the header with Go's case-insensitive key matching
+    return any(v for k, v in doc.items() if k.lower() in _CREDENTIAL_KEYS)
+
+
+_CREDENTIAL_KEYS = frozenset({"username", "password", "auth", "identitytoken", "registrytoken"})
 
 
 def version_cap(version: str, cap: str) -> str:

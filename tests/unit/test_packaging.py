@@ -42,11 +42,11 @@ def test_plugin_manifest_is_an_authz_plugin():
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_systemd_units_verify():
-    exe = shutil.which("fdcs-authz")
+    bindir = os.path.dirname(shutil.which("fdcs-authz"))
     with tempfile.TemporaryDirectory() as d:
         units = []
         for src in [*(ROOT / "systemd").glob("*.service"), *(ROOT / "systemd").glob("*.socket")]:
-            text = src.read_text().replace("/usr/local/bin/fdcs-authz", exe)
+            text = src.read_text().replace("/usr/local/bin/", bindir + "/")
             (Path(d) / src.name).write_text(text)
             units.append(str(Path(d) / src.name))
         p = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True,

@@ -1,0 +1,191 @@
+"""The engine side of the proxy: one unix-socket connection per request, in h11.
+
+:class:`Upstream` is one request/response exchange on a fresh connection to
+the engine (never reused: a second request never shares a connection with a
+first, so nothing a tenant sends can reach the engine without having gone
+through the rewriting).  :class:`EngineClient` is the ``Engine`` callable of
+``exchange.py``: a whole sub-request, made with the caller's own
+authentication headers so that the authorization plugin decides on it as on
+the caller's own request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Iterable
+
+import h11
+
+from authz_plugin.errors import Unavailable
+
+from ._streams import RawStream, StreamClosed, open_unix
+from .exchange import MAX_RESPONSE_JSON, Headers
+
+#: the largest request or response head accepted (headers included)
+MAX_HEAD = 64 * 1024
+
+MSG_ENGINE_UNAVAILABLE = "the Docker engine is unavailable, retry"
+
+#: headers that belong to one connection and are never passed on (RFC 9110
+#: 7.6.1), plus the framing and expectation headers the proxy sets itself
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"content-length", b"expect",
+})
+
+#: the caller's headers an engine sub-request carries
+SUBREQUEST_HEADERS = (b"x-auth-token", b"x-auth-tenantid", b"x-request-id")
+
+
+class EngineUnavailable(Unavailable):
+    """The engine's socket is missing, refuses, or the engine broke off."""
+
+    status = 502
+    reason = "engine-unavailable"
+
+    def __init__(self, message: str = MSG_ENGINE_UNAVAILABLE):
+        super().__init__(message)
+
+
+def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = frozenset()) -> Headers:
+    """``headers`` (lower-case names) without hop-by-hop headers, without the
+    headers the ``Connection`` header names, and without the names in ``drop``."""
+    headers = list(headers)
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(t.strip().lower() for t in value.split(b","))
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in named and n not in drop]
+
+
+class Upstream:
+    """One exchange with the engine on its own connection."""
+
+    __slots__ = ("stream", "h11")
+
+    def __init__(self, stream: RawStream):
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+
+    @classmethod
+    async def connect(cls, path: str, timeout: float) -> "Upstream":
+        try:
+            return cls(await open_unix(path, timeout))
+        except (OSError, TimeoutError) as e:
+            raise EngineUnavailable() from e
+
+    def send(self, event) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.stream.write(data)
+
+    async def next_event(self):
+        """The next h11 event from the engine; :class:`EngineUnavailable`
+        when the engine breaks the protocol or the connection."""
+        conn = self.h11
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await self.stream.recv())
+                    continue
+                return ev
+        except (h11.RemoteProtocolError, StreamClosed) as e:
+            raise EngineUnavailable() from e
+
+    async def response_head(self):
+        """The engine's :class:`h11.Response`, or its ``101``
+        :class:`h11.InformationalResponse`; other 1xx answers are dropped."""
+        while True:
+            ev = await self.next_event()
+            kind = type(ev)
+            if kind is h11.Response:
+                return ev
+            if kind is h11.InformationalResponse:
+                if ev.status_code == 101:
+                    return ev
+                continue
+            raise EngineUnavailable()
+
+    async def read_body(self, limit: int) -> bytes | None:
+        """The whole response body, or None when it is over ``limit`` bytes."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            ev = await self.next_event()
+            kind = type(ev)
+            if kind is h11.Data:
+                size += len(ev.data)
+                if size > limit:
+                    return None
+                parts.append(ev.data)
+            elif kind is h11.EndOfMessage:
+                return b"".join(parts)
+            else:
+                raise EngineUnavailable()
+
+    def buffered_body(self) -> bytes:
+        """Body bytes h11 already holds after a close-delimited response head
+        (the engine's old ``200`` raw stream), for the raw copy to send first."""
+        parts = []
+        while True:
+            ev = self.h11.next_event()
+            if type(ev) is h11.Data:
+                parts.append(ev.data)
+            else:
+                return b"".join(parts)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def abort(self) -> None:
+        self.stream.abort()
+
+
+class EngineClient:
+    """The ``Engine`` of ``exchange.py`` for one caller: each call is one
+    sub-request on its own connection, with the caller's ``X-Auth-Token``,
+    ``X-Auth-TenantId`` and ``X-Request-Id``.
+
+    Returns ``(status, headers, body)`` (header names lower case); raises
+    :class:`EngineUnavailable` when the engine cannot be reached or does not
+    answer within ``timeout`` seconds, or answers more than
+    ``MAX_RESPONSE_JSON`` bytes.
+    """
+
+    def __init__(self, path: str, caller_headers: Headers, connect_timeout: float,
+                 timeout: float = 120.0):
+        self._path = path
+        self._auth = [(n, v) for n, v in caller_headers if n in SUBREQUEST_HEADERS]
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+
+    async def __call__(self, method: str, target: str, body: bytes | None = None
+                       ) -> tuple[int, Headers, bytes]:
+        headers = [(b"host", b"docker"), (b"user-agent", b"fdcs-name-scoper"), *self._auth,
+                   (b"connection", b"close")]
+        if body is not None:
+            headers += [(b"content-type", b"application/json"),
+                        (b"content-length", b"%d" % len(body))]
+        try:
+            async with asyncio.timeout(self._timeout):
+                up = await Upstream.connect(self._path, self._connect_timeout)
+                try:
+                    up.send(h11.Request(method=method, target=target, headers=headers))
+                    if body:
+                        up.send(h11.Data(data=body))
+                    up.send(h11.EndOfMessage())
+                    head = await up.response_head()
+                    if head.status_code == 101:
+                        raise EngineUnavailable()
+                    data = await up.read_body(MAX_RESPONSE_JSON)
+                    if data is None:
+                        raise EngineUnavailable("the Docker engine's answer is too large")
+                    return head.status_code, list(head.headers), data
+                finally:
+                    up.close()
+        except TimeoutError as e:
+            raise EngineUnavailable() from e
+        except StreamClosed as e:
+            raise EngineUnavailable() from e

@@ -1,0 +1,1167 @@
+"""The name scoper's proxy over real sockets.
+
+A fake engine (threads, blocking sockets) listens on a unix socket in a tmp
+dir and records every connection it gets; the proxy runs in an asyncio loop
+of its own thread with TLS from a throwaway CA (openssl); clients are
+blocking TLS sockets.  Each refusal has a positive control beside it, and
+conditions are polled, never slept on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from authz_plugin.errors import AuthenticationError, Forbidden, IdentityUnavailable
+from name_scoper._streams import server_context
+from name_scoper.exchange import MAX_JSON, Exchange, PassThrough
+from name_scoper.proxy import serve
+
+TIMEOUT = 20
+
+
+def wait_until(cond, timeout=TIMEOUT, what="condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- TLS material --------------------------------------------------------------------
+
+
+@dataclass
+class TLSFiles:
+    dir: Path
+
+    def __getattr__(self, name):
+        return str(self.dir / f"{name.replace('_', '-')}.pem")
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> TLSFiles:
+    d = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test CA",
+             "-keyout", "ca-key.pem", "-out", "ca.pem", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for who in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={who}",
+                 "-keyout", f"{who}-key.pem", "-out", f"{who}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+                 "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", f"{who}-cert.pem", cwd=d)
+    return TLSFiles(d)
+
+
+# -- identity ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ident:
+    user_name: str
+    project_id: str
+
+
+class FakeIdentity:
+    """Token -> identity; records what each call saw (headers, source)."""
+
+    TOKENS = {"tok-a": Ident("alice", "a" * 32), "tok-b": Ident("bob", "b" * 32)}
+
+    def __init__(self):
+        self.calls: list[tuple[dict, str]] = []
+
+    def authenticate(self, headers, source=""):
+        self.calls.append((dict(headers), source))
+        token = next((v for k, v in headers.items() if k.lower() == "x-auth-token"), None)
+        if token == "tok-down":
+            raise IdentityUnavailable("identity service unavailable, retry later")
+        if token == "tok-noroles":
+            raise Forbidden("user eve has no role on project e that allows using this service")
+        if token not in self.TOKENS:
+            raise AuthenticationError(
+                "authentication required: X-Auth-Token is missing or invalid; run fdcs-login")
+        return self.TOKENS[token]
+
+    def tokens(self):
+        return [next((v for k, v in h.items() if k.lower() == "x-auth-token"), None) for h, _ in self.calls]
+
+
+# -- the fake engine ------------------------------------------------------------------
+
+
+class EngineConn:
+    """One connection the engine accepted: the request as it arrived."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+        self.head = b""
+        self.method = self.target = ""
+        self.headers: list[tuple[str, str]] = []
+        self.body = b""
+        self.raw = b""  # raw bytes after the head (hijacked streams)
+        self.eof = False
+        self.done = threading.Event()
+
+    def header(self, name):
+        vals = [v for k, v in self.headers if k.lower() == name.lower()]
+        return vals[0] if vals else None
+
+    def _more(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError
+        self.buf += data
+
+    def read_head(self):
+        while b"\r\n\r\n" not in self.buf:
+            self._more()
+        self.head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = self.head.decode("latin-1").split("\r\n")
+        self.method, self.target, _ = lines[0].split(" ", 2)
+        self.headers = [tuple(p.strip() for p in line.split(":", 1)) for line in lines[1:]]
+
+    def body_chunks(self):
+        """Yield the request body piece by piece (Content-Length or chunked)."""
+        if (self.header("transfer-encoding") or "").lower() == "chunked":
+            while True:
+                while b"\r\n" not in self.buf:
+                    self._more()
+                size_line, self.buf = self.buf.split(b"\r\n", 1)
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:  # no trailers from the proxy: the final CRLF
+                    while len(self.buf) < 2:
+                        self._more()
+                    assert self.buf.startswith(b"\r\n"), self.buf
+                    self.buf = self.buf[2:]
+                    return
+                while len(self.buf) < size + 2:
+                    self._more()
+                piece, self.buf = self.buf[:size], self.buf[size + 2:]
+                yield piece
+        else:
+            left = int(self.header("content-length") or 0)
+            while left:
+                if not self.buf:
+                    self._more()
+                piece, self.buf = self.buf[:left], self.buf[left:]
+                left -= len(piece)
+                yield piece
+
+    def read_body(self):
+        self.body = b"".join(self.body_chunks())
+        return self.body
+
+    def read_raw_until_eof(self):
+        self.raw += self.buf
+        self.buf = b""
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                self.eof = True
+                return self.raw
+            self.raw += data
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def respond(self, status=200, body=b"", headers=(), reason="OK"):
+        h = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        self.send(f"HTTP/1.1 {status} {reason}\r\n{h}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def respond_json(self, obj, status=200):
+        self.respond(status, json.dumps(obj).encode(), [("Content-Type", "application/json")])
+
+
+def echo(c: EngineConn):
+    """Default engine: answer what it got."""
+    c.read_body()
+    c.respond_json({"method": c.method, "target": c.target, "body": len(c.body)})
+
+
+class FakeEngine:
+    def __init__(self, path: str, behave=echo):
+        self.path = path
+        self.behave = behave
+        self.conns: list[EngineConn] = []
+        self.errors: list[BaseException] = []
+        self._srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._srv.bind(path)
+        self._srv.listen(64)
+        self._srv.settimeout(0.1)
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def count(self):
+        return len(self.conns)
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                sock, _ = self._srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            sock.settimeout(TIMEOUT)
+            c = EngineConn(sock)
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            c.read_head()
+            self.behave(c)
+        except EOFError:
+            pass
+        except BaseException as e:  # pragma: no cover - shown by the tests that need it
+            self.errors.append(e)
+        finally:
+            c.done.set()
+            try:
+                c.sock.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop = True
+        self._thread.join()
+        self._srv.close()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = FakeEngine(str(tmp_path / "engine.sock"))
+    yield e
+    e.close()
+
+
+# -- the proxy in its own loop --------------------------------------------------------
+
+
+class LoopThread:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=TIMEOUT):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread():
+    lt = LoopThread()
+    yield lt
+    lt.stop()
+
+
+@pytest.fixture
+def identity():
+    return FakeIdentity()
+
+
+@pytest.fixture
+def make_proxy(loop_thread, tls, engine, identity):
+    servers = []
+
+    def make(prepare=None, engine_socket=None, client_ca="", **kw):
+        ctx = server_context(tls.server_cert, tls.server_key, client_ca)
+        srv = loop_thread.run(serve(identity, engine_socket=engine_socket or engine.path,
+                                    ssl_context=ctx, prepare=prepare, **kw))
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        loop_thread.run(srv.close(1.0))
+
+
+@pytest.fixture
+def proxy(make_proxy):
+    return make_proxy()
+
+
+# -- clients ------------------------------------------------------------------------------
+
+
+def client_context(tls, cert=False):
+    ctx = ssl.create_default_context(cafile=tls.ca)
+    if cert:
+        ctx.load_cert_chain(tls.client_cert, tls.client_key)
+    return ctx
+
+
+class Client:
+    """A blocking TLS client that speaks HTTP/1.1 by hand (keep-alive,
+    pipelining, malformed requests)."""
+
+    def __init__(self, port, tls, cert=False):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.sock = client_context(tls, cert).wrap_socket(raw, server_hostname="localhost")
+        self.f = self.sock.makefile("rb")
+
+    def send(self, data: bytes):
+        self.sock.sendall(data)
+
+    def request(self, method, target, headers=None, body=None, token="tok-a"):
+        self.send(build(method, target, headers, body, token))
+        return self.response()
+
+    def response(self, sink=None, head_only=False):
+        status_line = self.f.readline()
+        if not status_line:
+            raise EOFError("connection closed")
+        status = int(status_line.split()[1])
+        headers = {}
+        while True:
+            line = self.f.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, v = line.decode("latin-1").split(":", 1)
+            headers[k.strip().lower()] = v.strip()
+        if head_only or 100 <= status < 200:
+            return status, headers, b""
+        parts = []
+        put = sink or parts.append
+        if headers.get("transfer-encoding") == "chunked":
+            while True:
+                size = int(self.f.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.f.readline()
+                    break
+                put(self.f.read(size))
+                self.f.readline()
+        elif "content-length" in headers:
+            left = int(headers["content-length"])
+            while left:
+                piece = self.f.read(min(left, 65536))
+                left -= len(piece)
+                put(piece)
+        return status, headers, b"".join(parts)
+
+    def closed_by_peer(self):
+        try:
+            return self.f.read(1) == b""
+        except (ConnectionError, ssl.SSLError):
+            return True
+
+    def close(self):
+        self.f.close()
+        self.sock.close()
+
+
+def build(method, target, headers=None, body=None, token="tok-a") -> bytes:
+    h = {"Host": "docker"}
+    if token:
+        h["X-Auth-Token"] = token
+    if body is not None:
+        h["Content-Length"] = str(len(body))
+    h.update(headers or {})
+    return (f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items())
+            + "\r\n").encode() + (body or b"")
+
+
+@pytest.fixture
+def client(proxy, tls):
+    clients = []
+
+    def make(cert=False, port=None):
+        c = Client(port or proxy.port, tls, cert)
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        c.close()
+
+
+class RawTLS:
+    """TLS by hand over a blocking socket (ssl.SSLObject), to half-close the
+    TCP write side without close_notify (what the docker CLI does) and to keep
+    writing after the server's close_notify (what Go clients may do)."""
+
+    def __init__(self, port, tls):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = client_context(tls).wrap_bio(self.inc, self.out, server_hostname="localhost")
+        self.buf = b""
+        self.eof = False
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+
+    def _flush(self):
+        data = self.out.read()
+        if data:
+            self.sock.sendall(data)
+
+    def _feed(self):
+        data = self.sock.recv(65536)
+        if data:
+            self.inc.write(data)
+        else:
+            self.inc.write_eof()
+
+    def send(self, data):
+        self.obj.write(data)
+        self._flush()
+
+    def half_close(self):
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def _read(self):
+        while True:
+            try:
+                data = self.obj.read(65536)
+                if not data:
+                    self.eof = True
+                return data
+            except ssl.SSLWantReadError:
+                self._feed()
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self.eof = True
+                return b""
+
+    def recv_until(self, needle: bytes) -> bytes:
+        while needle not in self.buf:
+            data = self._read()
+            if not data:
+                raise EOFError(f"EOF before {needle!r}; got {self.buf!r}")
+            self.buf += data
+        i = self.buf.index(needle) + len(needle)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def recv_to_eof(self) -> bytes:
+        while not self.eof:
+            self.buf += self._read()
+        out, self.buf = self.buf, b""
+        return out
+
+    def close(self):
+        self.sock.close()
+
+
+# =========================================================================================
+# pass-through, keep-alive, identity
+# =========================================================================================
+
+
+def test_pass_through_get(engine, client, identity):
+    c = client()
+    status, headers, body = c.request("GET", "/v1.41/version?x=1", {"X-Auth-TenantId": "a" * 32})
+    assert status == 200
+    assert json.loads(body) == {"method": "GET", "target": "/v1.41/version?x=1", "body": 0}
+    (e,) = engine.conns
+    assert e.header("X-Auth-Token") == "tok-a" and e.header("X-Auth-TenantId") == "a" * 32
+    assert e.header("Connection") == "close"
+    rid = e.header("X-Request-Id")
+    assert rid and headers["x-request-id"] == rid
+    assert identity.calls[0][1] == "127.0.0.1"
+
+
+def test_keep_alive_gets_one_upstream_connection_per_request(engine, client, identity):
+    c = client()
+    assert c.request("GET", "/v1.41/containers/json", token="tok-a")[0] == 200
+    assert c.request("GET", "/v1.41/info", token="tok-b")[0] == 200
+    assert engine.count == 2
+    assert [e.target for e in engine.conns] == ["/v1.41/containers/json", "/v1.41/info"]
+    # the second request, with ANOTHER token, was authenticated on its own
+    assert identity.tokens() == ["tok-a", "tok-b"]
+    assert [e.header("X-Auth-Token") for e in engine.conns] == ["tok-a", "tok-b"]
+
+
+def test_pipelined_requests_each_get_their_own_identity_and_upstream(engine, client, identity):
+    c = client()
+    c.send(build("GET", "/v1.41/_ping", token="tok-a") + build("GET", "/v1.41/version", token="tok-b"))
+    assert c.response()[0] == 200 and c.response()[0] == 200
+    assert engine.count == 2 and identity.tokens() == ["tok-a", "tok-b"]
+
+
+def test_401_without_token_never_touches_the_engine(engine, client):
+    c = client()
+    status, headers, body = c.request("GET", "/v1.41/containers/json", token=None)
+    assert status == 401
+    assert "run fdcs-login" in json.loads(body)["message"]
+    assert headers["content-type"] == "application/json"
+    assert engine.count == 0
+    # positive control, on the same (kept) connection
+    assert c.request("GET", "/v1.41/containers/json")[0] == 200
+    assert engine.count == 1
+
+
+def test_401_drains_a_small_body_and_keeps_the_connection(engine, client):
+    c = client()
+    status, _, _ = c.request("POST", "/v1.41/containers/create", {"Content-Type": "application/json"},
+                             body=b"{}" * 1000, token="bad")
+    assert status == 401 and engine.count == 0
+    assert c.request("GET", "/v1.41/version")[0] == 200
+
+
+@pytest.mark.parametrize("token,status", [("tok-down", 503), ("tok-noroles", 403), ("tok-zzz", 401)])
+def test_identity_failures_map_to_status(engine, client, token, status):
+    c = client()
+    st, _, body = c.request("GET", "/v1.41/version", token=token)
+    assert st == status and json.loads(body)["message"]
+    assert engine.count == 0
+    assert c.request("GET", "/v1.41/version")[0] == 200 and engine.count == 1
+
+
+def test_admin_key_header_is_always_stripped(engine, client, identity):
+    c = client()
+    status, _, _ = c.request("GET", "/v1.41/version",
+                             {"x-fdcs-ADMIN-key": "s3cret", "X-Other": "kept"})
+    assert status == 200
+    (e,) = engine.conns
+    assert e.header("X-FDCS-Admin-Key") is None and b"s3cret" not in e.head
+    assert e.header("X-Other") == "kept"  # positive control: other headers pass
+    seen, _ = identity.calls[0]
+    assert not any(k.lower() == "x-fdcs-admin-key" for k in seen)
+
+
+def test_admin_key_alone_is_no_identity(engine, client):
+    c = client()
+    status, _, _ = c.request("GET", "/v1.41/version", {"X-FDCS-Admin-Key": "s3cret"}, token=None)
+    assert status == 401 and engine.count == 0
+
+
+def test_hop_by_hop_and_connection_named_headers_are_not_forwarded(engine, client):
+    c = client()
+    c.request("GET", "/v1.41/version", {"Connection": "keep-alive, X-Drop", "X-Drop": "1",
+                                        "Keep-Alive": "timeout=5", "TE": "trailers"})
+    (e,) = engine.conns
+    assert e.header("X-Drop") is None and e.header("Keep-Alive") is None and e.header("TE") is None
+    assert e.header("Connection") == "close"
+
+
+def test_request_id_sane_kept_insane_replaced(engine, client):
+    c = client()
+    _, h1, _ = c.request("GET", "/v1.41/version", {"X-Request-Id": "abc-123"})
+    _, h2, _ = c.request("GET", "/v1.41/version", {"X-Request-Id": "bad id\x01"})
+    assert engine.conns[0].header("X-Request-Id") == "abc-123" == h1["x-request-id"]
+    rid = engine.conns[1].header("X-Request-Id")
+    assert rid != "bad id\x01" and len(rid) == 16 and h2["x-request-id"] == rid
+    assert [k for k, _ in engine.conns[1].headers if k.lower() == "x-request-id"] == ["x-request-id"]
+
+
+# =========================================================================================
+# rewriting hooks (prepare, bodies)
+# =========================================================================================
+
+
+def test_json_request_body_rewritten_with_fresh_content_length(engine, make_proxy, tls):
+    seen = {}
+
+    async def prepare(ctx, ident, method, target, headers, eng):
+        seen.update(ctx=ctx, ident=ident, method=method, target=target)
+        return Exchange(method, target.replace("web", "a_web"), headers, request_body="json",
+                        rewrite_body=lambda b: json.dumps({"Wrapped": json.loads(b)}).encode())
+
+    px = make_proxy(prepare=prepare, context="the-ctx")
+    c = Client(px.port, tls)
+    # chunked from the client: the engine gets a Content-Length
+    body = b'{"Image":"busybox"}'
+    c.send(build("POST", "/v1.41/containers/create?name=web",
+                 {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}, None)
+           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    status, _, resp = c.response()
+    assert status == 200
+    (e,) = engine.conns
+    assert e.target == "/v1.41/containers/create?name=a_web"
+    assert json.loads(e.body) == {"Wrapped": {"Image": "busybox"}}
+    assert e.header("Content-Length") == str(len(e.body)) and e.header("Transfer-Encoding") is None
+    assert seen["ctx"] == "the-ctx" and seen["ident"].user_name == "alice"
+
+
+def _json_prepare(async_ok=True):
+    async def prepare(ctx, ident, method, target, headers, eng):
+        return Exchange(method, target, headers, request_body="json")
+    return prepare
+
+
+def test_json_body_over_1_mib_is_413_and_never_forwarded(engine, make_proxy, tls):
+    px = make_proxy(prepare=_json_prepare())
+    c = Client(px.port, tls)
+    status, _, body = c.request("POST", "/v1.41/containers/create", body=b"x" * (MAX_JSON + 1))
+    assert status == 413 and "1024 KiB" in json.loads(body)["message"]
+    assert engine.count == 0
+    # positive control: exactly the cap goes through
+    c2 = Client(px.port, tls)
+    assert c2.request("POST", "/v1.41/containers/create", body=b"x" * MAX_JSON)[0] == 200
+    assert engine.count == 1 and len(engine.conns[0].body) == MAX_JSON
+
+
+def test_chunked_json_body_over_1_mib_is_413(engine, make_proxy, tls):
+    px = make_proxy(prepare=_json_prepare())
+    c = Client(px.port, tls)
+    piece = b"y" * 65536
+    c.send(build("POST", "/v1.41/containers/create", {"Transfer-Encoding": "chunked"})
+           + (b"%x\r\n%s\r\n" % (len(piece), piece)) * 17 + b"0\r\n\r\n")
+    assert c.response()[0] == 413 and engine.count == 0
+
+
+def test_prepare_reject_is_answered_directly(engine, make_proxy, tls):
+    async def prepare(ctx, ident, method, target, headers, eng):
+        if "other" in target:
+            return Exchange(method, target, headers, reject=(404, "No such container: other"))
+        return Exchange(method, target, headers)
+
+    px = make_proxy(prepare=prepare)
+    c = Client(px.port, tls)
+    st, _, body = c.request("GET", "/v1.41/containers/other/json")
+    assert (st, json.loads(body)) == (404, {"message": "No such container: other"})
+    assert engine.count == 0
+    assert c.request("GET", "/v1.41/containers/mine/json")[0] == 200 and engine.count == 1
+
+
+def test_engine_subrequest_carries_only_the_callers_auth(engine, make_proxy, tls):
+    got = {}
+
+    async def prepare(ctx, ident, method, target, headers, eng):
+        got["sub"] = await eng("POST", "/v1.41/networks/create", b'{"Name":"n"}')
+        return Exchange(method, target, headers)
+
+    px = make_proxy(prepare=prepare)
+    c = Client(px.port, tls)
+    assert c.request("GET", "/v1.41/containers/json",
+                     {"X-Auth-TenantId": "t1", "X-Registry-Auth": "zzz", "X-Request-Id": "r-1"})[0] == 200
+    sub, main = engine.conns
+    assert (sub.method, sub.target, sub.body) == ("POST", "/v1.41/networks/create", b'{"Name":"n"}')
+    assert sub.header("X-Auth-Token") == "tok-a" and sub.header("X-Auth-TenantId") == "t1"
+    assert sub.header("X-Request-Id") == "r-1" and sub.header("X-Registry-Auth") is None
+    status, headers, body = got["sub"]
+    assert status == 200 and json.loads(body)["target"] == "/v1.41/networks/create"
+    assert (b"content-type", b"application/json") in headers
+
+
+class Rewriter(PassThrough):
+    def __init__(self, mode):
+        self.mode = mode
+
+    def head(self, status, headers):
+        return self.mode, headers + [(b"x-rewritten", self.mode.encode())]
+
+    def json(self, status, body):
+        if status == 403:  # a refusal of a foreign name becomes the engine's own 404
+            return 404, json.dumps({"message": "No such container: web"}).encode()
+        names = [n.replace("a_", "") for n in json.loads(body)]
+        return json.dumps({"status": status, "names": names}).encode()
+
+    def line(self, line):
+        ev = json.loads(line)
+        if ev.get("tenant") != "a":
+            return None
+        return json.dumps({"name": ev["name"].replace("a_", "")}).encode()
+
+
+def _mode_proxy(make_proxy, mode):
+    async def prepare(ctx, ident, method, target, headers, eng):
+        return Exchange(method, target, headers, response=Rewriter(mode))
+    return make_proxy(prepare=prepare)
+
+
+def _chunked_head(c: EngineConn, ctype="application/json"):
+    c.send(f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+
+
+def _chunk(c: EngineConn, data: bytes):
+    c.send(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def test_response_json_mode(engine, make_proxy, tls):
+    def behave(c):
+        _chunked_head(c)
+        _chunk(c, b'["a_web", ')
+        _chunk(c, b'"a_db"]')
+        c.send(b"0\r\n\r\n")
+    engine.behave = behave
+    px = _mode_proxy(make_proxy, "json")
+    c = Client(px.port, tls)
+    status, headers, body = c.request("GET", "/v1.41/containers/json")
+    assert json.loads(body) == {"status": 200, "names": ["web", "db"]}
+    assert headers["content-length"] == str(len(body)) and "transfer-encoding" not in headers
+    assert headers["x-rewritten"] == "json"
+    assert c.request("GET", "/v1.41/containers/json")[0] == 200  # kept alive
+
+
+def test_response_json_mode_may_change_the_status(engine, make_proxy, tls):
+    def behave(c):
+        c.respond_json({"message": "authorization denied by plugin: No such container: web"}, 403)
+    engine.behave = behave
+    c = Client(_mode_proxy(make_proxy, "json").port, tls)
+    c.send(build("GET", "/v1.41/containers/web/json"))
+    status_line = c.f.peek(64)[:64]
+    status, headers, body = c.response()
+    assert status == 404 and status_line.startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert json.loads(body) == {"message": "No such container: web"}
+    assert headers["content-length"] == str(len(body))
+
+
+def test_response_lines_mode_rewrites_drops_and_flushes_each_line(engine, make_proxy, tls):
+    step = threading.Event()
+
+    def behave(c):
+        _chunked_head(c)
+        # a kept line split over two chunks, a foreign line, then wait until
+        # the client has seen the first line before sending the last
+        _chunk(c, b'{"tenant":"a","na')
+        _chunk(c, b'me":"a_web"}\n{"tenant":"b","name":"b_x"}\n')
+        assert step.wait(TIMEOUT)
+        _chunk(c, b'{"tenant":"a","name":"a_db"}\n')
+        c.send(b"0\r\n\r\n")
+    engine.behave = behave
+    px = _mode_proxy(make_proxy, "lines")
+    c = Client(px.port, tls)
+    c.send(build("GET", "/v1.41/events"))
+    status, headers, _ = c.response(head_only=True)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    size = int(c.f.readline(), 16)
+    first = c.f.read(size)
+    assert first == b'{"name": "web"}\n'  # arrived while the engine still holds the rest
+    c.f.readline()
+    step.set()
+    rest = b""
+    while True:
+        size = int(c.f.readline(), 16)
+        if size == 0:
+            c.f.readline()
+            break
+        rest += c.f.read(size)
+        c.f.readline()
+    assert rest == b'{"name": "db"}\n'
+    assert b"b_x" not in first + rest
+
+
+def test_streaming_response_headers_are_forwarded_before_any_body(engine, client):
+    go = threading.Event()
+
+    def behave(c):
+        _chunked_head(c, "application/vnd.docker.raw-stream")  # logs -f, framed
+        assert go.wait(TIMEOUT)
+        _chunk(c, b"line 1\n")
+        c.send(b"0\r\n\r\n")
+    engine.behave = behave
+    c = client()
+    c.send(build("GET", "/v1.41/containers/x/logs?follow=1&stdout=1"))
+    status, headers, _ = c.response(head_only=True)  # before the engine sent a body byte
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    go.set()
+    assert int(c.f.readline(), 16) == 7 and c.f.read(7) == b"line 1\n"
+
+
+def test_client_going_away_ends_the_engine_stream(engine, client):
+    def behave(c):
+        _chunked_head(c)
+        while True:  # events: until the other side goes away
+            _chunk(c, b'{"status":"tick"}\n')
+            time.sleep(0.01)
+    engine.behave = behave
+    c = client()
+    c.send(build("GET", "/v1.41/events"))
+    assert c.response(head_only=True)[0] == 200
+    wait_until(lambda: engine.count == 1)
+    assert not engine.conns[0].done.is_set()  # positive control: it streams
+    c.close()
+    wait_until(lambda: engine.conns[0].done.is_set(), what="the engine connection to end")
+
+
+# =========================================================================================
+# large bodies: streamed with backpressure
+# =========================================================================================
+
+
+def test_large_bodies_stream_with_bounded_memory(engine, client):
+    size = 64 * 1024 * 1024
+    block = os.urandom(65536)
+    want = hashlib.sha256(block * (size // len(block))).hexdigest()
+    got = {}
+
+    def behave(c):
+        if c.method == "PUT":
+            h = hashlib.sha256()
+            n = 0
+            for piece in c.body_chunks():
+                h.update(piece)
+                n += len(piece)
+            got["up"] = (n, h.hexdigest())
+            c.respond(200)
+        else:
+            _chunked_head(c, "application/x-tar")
+            for _ in range(size // len(block)):
+                _chunk(c, block)
+            c.send(b"0\r\n\r\n")
+    engine.behave = behave
+    c = client()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        c.send(build("PUT", "/v1.41/containers/x/archive?path=/", {"Content-Length": str(size),
+                                                                  "Content-Type": "application/x-tar"}))
+        for _ in range(size // len(block)):
+            c.send(block)
+        assert c.response()[0] == 200
+        h = hashlib.sha256()
+        n = [0]
+
+        def sink(piece):
+            h.update(piece)
+            n[0] += len(piece)
+        c.send(build("GET", "/v1.41/containers/x/archive?path=/"))
+        assert c.response(sink=sink)[0] == 200
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got["up"] == (size, want)
+    assert (n[0], h.hexdigest()) == (size, want)
+    assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB for {size / 2**20:.0f} MiB bodies"
+
+
+def test_memory_probe_sees_a_buffered_body(engine, make_proxy, tls):
+    """Positive control for the test above: the same measurement does see
+    the proxy buffering a body (json mode buffers by design)."""
+    size = 12 * 1024 * 1024
+
+    def behave(c):
+        c.respond(200, b'"' + b"x" * (size - 2) + b'"', [("Content-Type", "application/json")])
+    engine.behave = behave
+
+    class Keep(PassThrough):
+        def head(self, status, headers):
+            return "json", headers
+
+    async def prepare(ctx, ident, method, target, headers, eng):
+        return Exchange(method, target, headers, response=Keep())
+
+    c = Client(make_proxy(prepare=prepare).port, tls)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        status, _, body = c.request("GET", "/v1.41/containers/json")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 200 and len(body) == size
+    assert peak > size
+
+
+def test_expect_100_continue_gets_100_before_the_body_is_read(engine, client):
+    c = client()
+    c.send(build("PUT", "/v1.41/containers/x/archive?path=/", {"Content-Length": "5",
+                                                              "Expect": "100-continue"}))
+    assert c.response()[0] == 100
+    c.send(b"hello")
+    status, _, body = c.response()
+    assert status == 200 and json.loads(body)["body"] == 5
+    assert engine.conns[0].header("Expect") is None  # ours to answer, not the engine's
+
+
+def test_head_request_keeps_the_connection(engine, client):
+    def behave(c):
+        c.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n")
+    engine.behave = behave
+    c = client()
+    c.send(build("HEAD", "/v1.41/_ping"))
+    status, headers, _ = c.response(head_only=True)  # a HEAD answer has no body
+    assert status == 200 and headers["content-length"] == "2"
+    engine.behave = echo
+    assert c.request("GET", "/v1.41/_ping")[0] == 200
+
+
+# =========================================================================================
+# hijacked streams
+# =========================================================================================
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "tcp", "Content-Type": "text/plain"}
+ENGINE_101 = (b"HTTP/1.1 101 UPGRADED\r\nContent-Type: application/vnd.docker.raw-stream\r\n"
+              b"Connection: Upgrade\r\nUpgrade: tcp\r\n\r\n")
+
+
+def test_upgrade_copies_raw_both_ways_and_passes_the_client_half_close(engine, proxy, tls):
+    def behave(c):
+        c.send(ENGINE_101 + b"hello from engine\n")
+        c.read_raw_until_eof()          # the client's stdin, up to its EOF
+        c.send(b"output after your EOF\n")  # still delivered
+        c.sock.shutdown(socket.SHUT_WR)
+    engine.behave = behave
+    t = RawTLS(proxy.port, tls)
+    pipelined = build("GET", "/v1.41/version")  # after the upgrade: stream data, not HTTP
+    t.send(build("POST", "/v1.41/containers/x/attach?stream=1&stdin=1&stdout=1", UPGRADE) + pipelined)
+    head = t.recv_until(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 UPGRADED\r\n") and b"upgrade: tcp" in head.lower()
+    assert t.recv_until(b"engine\n") == b"hello from engine\n"
+    t.send(b"stdin data")
+    t.half_close()  # TCP FIN without close_notify, like the docker CLI
+    assert t.recv_to_eof() == b"output after your EOF\n"
+    wait_until(lambda: engine.conns[0].done.is_set())
+    e = engine.conns[0]
+    assert e.raw == pipelined + b"stdin data" and e.eof
+    assert engine.count == 1  # the pipelined GET never became a request
+
+
+def test_upgrade_passes_the_engine_half_close_to_the_client(engine, proxy, tls):
+    def behave(c):
+        c.read_body()
+        c.send(ENGINE_101 + b"all my output\n")
+        c.sock.shutdown(socket.SHUT_WR)  # the engine's EOF first
+        c.read_raw_until_eof()
+    engine.behave = behave
+    t = RawTLS(proxy.port, tls)
+    t.send(build("POST", "/v1.41/exec/abc/start", UPGRADE, body=b'{"Detach":false,"Tty":false}'))
+    t.recv_until(b"\r\n\r\n")
+    assert t.recv_to_eof() == b"all my output\n"  # close_notify / EOF reached us
+    t.send(b"late input")  # our side is still open
+    t.half_close()
+    wait_until(lambda: engine.conns[0].done.is_set())
+    assert engine.conns[0].raw == b"late input" and engine.conns[0].eof
+    assert engine.conns[0].body == b'{"Detach":false,"Tty":false}'  # the request's, not raw
+
+
+def test_upgrade_refused_by_the_engine_stays_http(engine, client):
+    def behave(c):
+        c.respond_json({"message": "No such container: x"}, status=404)
+    engine.behave = behave
+    c = client()
+    status, _, body = c.request("POST", "/v1.41/containers/x/attach?stream=1", UPGRADE)
+    assert status == 404 and json.loads(body)["message"] == "No such container: x"
+    engine.behave = echo
+    assert c.request("GET", "/v1.41/version")[0] == 200  # the connection still speaks HTTP
+
+
+def test_old_200_raw_stream_hijack(engine, proxy, tls):
+    def behave(c):
+        c.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.multiplexed-stream\r\n\r\n"
+               + b"\x01\x00\x00\x00\x00\x00\x00\x03hi\n")
+        c.read_raw_until_eof()
+        c.send(b"\x01\x00\x00\x00\x00\x00\x00\x04bye\n")
+    engine.behave = behave
+    t = RawTLS(proxy.port, tls)
+    t.send(build("POST", "/v1.41/containers/x/attach?stream=1&stdin=1&stdout=1"))
+    head = t.recv_until(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"chunked" not in head.lower()
+    assert t.recv_until(b"hi\n") == b"\x01\x00\x00\x00\x00\x00\x00\x03hi\n"  # unframed
+    t.send(b"stdin")
+    t.half_close()
+    assert t.recv_to_eof() == b"\x01\x00\x00\x00\x00\x00\x00\x04bye\n"
+    wait_until(lambda: engine.conns[0].done.is_set())
+    assert engine.conns[0].raw == b"stdin"
+
+
+# =========================================================================================
+# request smuggling
+# =========================================================================================
+
+SMUGGLING = {
+    "content-length and transfer-encoding": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two content-lengths": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+    "two equal content-lengths": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+    "content-length list": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nContent-Length: 2, 2\r\n\r\n{}",
+    "obsolete line folding": b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nX-Foo: a\r\n b\r\n\r\n",
+    "space before colon": b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\nX-Auth-Token : tok-a\r\n\r\n",
+    "transfer-encoding other than chunked": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "bad chunk size": b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\n"
+        b"X-Auth-Token: tok-a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SMUGGLING))
+def test_smuggling_attempts_get_400_and_never_reach_the_engine(engine, client, case):
+    c = client()
+    c.send(SMUGGLING[case])
+    status, _, body = c.response()
+    assert status in (400, 501) and json.loads(body)["message"]
+    assert c.closed_by_peer()
+    if case != "bad chunk size":
+        assert engine.count == 0
+    else:  # the head was sound and went out; the body broke off before any of it
+        wait_until(lambda: engine.count == 1 and engine.conns[0].done.is_set())
+        assert engine.conns[0].body == b""
+    # positive control: a sound request on a new connection gets through
+    before = engine.count
+    assert client().request("GET", "/v1.41/version")[0] == 200 and engine.count == before + 1
+
+
+# =========================================================================================
+# the engine away, client certificates, shutdown
+# =========================================================================================
+
+
+def test_502_when_the_engine_socket_is_missing(engine, make_proxy, tls, tmp_path):
+    px = make_proxy(engine_socket=str(tmp_path / "nope.sock"))
+    c = Client(px.port, tls)
+    status, _, body = c.request("GET", "/v1.41/version")
+    assert (status, json.loads(body)) == (502, {"message": "the Docker engine is unavailable, retry"})
+    # a socket file nobody listens on: connection refused, same answer
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(tmp_path / "dead.sock"))
+    dead.close()
+    px2 = make_proxy(engine_socket=str(tmp_path / "dead.sock"))
+    assert Client(px2.port, tls).request("GET", "/v1.41/version")[0] == 502
+    # positive control: the real (fake) engine
+    assert Client(make_proxy().port, tls).request("GET", "/v1.41/version")[0] == 200
+
+
+def test_client_certificate_required_when_a_client_ca_is_set(engine, make_proxy, tls):
+    px = make_proxy(client_ca=tls.ca)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        c = Client(px.port, tls)
+        c.request("GET", "/v1.41/version")
+    assert engine.count == 0
+    assert Client(px.port, tls, cert=True).request("GET", "/v1.41/version")[0] == 200
+
+
+def test_plain_http_to_the_tls_port_is_told_to_use_tls(engine, proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as s:
+        s.sendall(build("GET", "/v1.41/version"))
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 400 ") and b"--tlsverify" in data
+    assert engine.count == 0
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(engine, make_proxy, tls, loop_thread):
+    release = threading.Event()
+
+    def behave(c):
+        assert release.wait(TIMEOUT)
+        c.respond_json({"slow": True})
+    engine.behave = behave
+    px = make_proxy()
+    busy = Client(px.port, tls)
+    idle = Client(px.port, tls)
+    busy.send(build("GET", "/v1.41/containers/x/wait"))
+    wait_until(lambda: engine.count == 1)
+    wait_until(lambda: px.connections == 2)
+    done = asyncio.run_coroutine_threadsafe(px.close(10.0), loop_thread.loop)
+    assert idle.closed_by_peer()  # idle connections go at once
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", px.port), timeout=2)
+    release.set()
+    status, headers, body = busy.response()
+    assert status == 200 and json.loads(body) == {"slow": True}
+    assert headers.get("connection") == "close"
+    done.result(TIMEOUT)
+
+
+def test_chunked_request_body_streams_through_chunked(engine, client):
+    got = {}
+
+    def behave(c):
+        got["te"] = c.header("Transfer-Encoding")
+        got["cl"] = c.header("Content-Length")
+        got["body"] = c.read_body()
+        c.respond(200)
+    engine.behave = behave
+    c = client()
+    c.send(build("POST", "/v1.41/images/load", {"Transfer-Encoding": "chunked",
+                                                "Content-Type": "application/x-tar"}))
+    for piece in (b"abc", b"d" * 70000, b"e"):
+        c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    c.send(b"0\r\n\r\n")
+    assert c.response()[0] == 200
+    assert got == {"te": "chunked", "cl": None, "body": b"abc" + b"d" * 70000 + b"e"}
+
+
+def test_max_connections_makes_new_connections_wait(engine, make_proxy, tls):
+    px = make_proxy(max_connections=1)
+    first = Client(px.port, tls)
+    assert first.request("GET", "/v1.41/version")[0] == 200  # kept open
+    raw = socket.create_connection(("127.0.0.1", px.port), timeout=TIMEOUT)
+    raw.settimeout(0.5)
+    second = client_context(tls).wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                          server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        second.do_handshake()
+    raw.sendall(out.read())
+    with pytest.raises(socket.timeout):  # no ServerHello while the only slot is taken
+        raw.recv(1)
+    raw.close()
+    first.close()  # the slot frees: a new connection is served (positive control)
+    assert Client(px.port, tls).request("GET", "/v1.41/version")[0] == 200
+
+
+# -- fdcs-name-scoper (server.py) ---------------------------------------------------------
+
+
+def _conf(tmp_path, tls, **scoper):
+    values = {"listen": "127.0.0.1:2376", "tls_cert": tls.server_cert, "tls_key": tls.server_key,
+              "engine_socket": str(tmp_path / "engine.sock"), **scoper}
+    text = ('[keystone]\nurl = "http://127.0.0.1:1/v3"\nadmin_project_id = "x"\n'
+            '[redis]\nurl = "redis://127.0.0.1:1/0"\n[scoper]\n'
+            + "".join(f'{k} = "{v}"\n' for k, v in values.items()))
+    path = tmp_path / "fdcs.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_server_check_accepts_a_valid_configuration(tmp_path, tls, capsys):
+    from name_scoper.server import main
+    assert main(["--config", _conf(tmp_path, tls), "--check"]) == 0
+    assert "is valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("tls_key", "/nonexistent/key.pem", "scoper.tls_key"),
+    ("tls_cert", "", "scoper.tls_cert"),
+    ("listen", "2376", "scoper.listen"),
+    ("log_level", "loud", "scoper.log_level"),
+])
+def test_server_check_names_the_bad_option(tmp_path, tls, capsys, key, value, says):
+    from name_scoper.server import main
+    assert main(["--config", _conf(tmp_path, tls, **{key: value}), "--check"]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_server_check_refuses_a_key_that_does_not_match(tmp_path, tls, capsys):
+    from name_scoper.server import main
+    assert main(["--config", _conf(tmp_path, tls, tls_key=tls.client_key), "--check"]) == 2
+    assert "tls_cert" in capsys.readouterr().err
+
+
+def test_sd_notify_reaches_the_notify_socket(tmp_path, monkeypatch):
+    from name_scoper.server import _sd_notify
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        s.settimeout(TIMEOUT)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        _sd_notify("READY=1")
+        assert s.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    _sd_notify("READY=1")  # no systemd: nothing happens
