@@ -226,7 +226,16 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
             set_query("filters", value)
         else:
             query.append(("filters", value))
-        if req.path.endswith("/prune"):
+        if req.path == "/networks/prune":
+            # the prune may remove the tenant's default network: forget that
+            # it exists, now and again once the prune has answered
+            ctx.default_networks.pop(scope.tenant, None)
+
+            def pruned(b: bytes) -> bytes:
+                ctx.default_networks.pop(scope.tenant, None)
+                return rewrite.prune_result(b, scope)
+            ex.response = Response(scope, cap, pruned)
+        elif req.path.endswith("/prune"):
             ex.response = Response(scope, cap, lambda b: rewrite.prune_result(b, scope))
         elif resource == "events":
             ex.response = Response(scope, cap, lambda b: b, mode="lines")
