@@ -15,7 +15,8 @@ Importable API (the end-to-end tests use it)::
 Modules: ``_stack`` (the orchestration), ``_procs`` (commands, pid files,
 readiness), ``_state`` (paths and state.json), ``_redis``, ``_keystone`` (+
 ``_keystone_manage``, run under Debian's python), ``_engine`` (netns,
-dockerd, busybox, clean-up), ``_tls``, ``_clients`` (docker config dirs).
+dockerd, busybox, clean-up), ``_scoper`` (the hosts' name scopers),
+``_tls``, ``_clients`` (docker config dirs).
 """
 
 from ._errors import ComponentFailed, DevstackError

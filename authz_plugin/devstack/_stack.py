@@ -10,6 +10,7 @@ plugin).  Independent steps run in threads::
     keystone-manage: keys --> db_sync, bootstrap --> admin project id --> fdcs.toml
                           \--> keystone-wsgi-public --> demo projects, users --> client config dirs
     fdcs.toml --> per host K: authz-hK --> engine-hK (netns hK) --> busybox:latest (busybox.tar)
+                                 --> scoper-hK (tls, and the client config dirs: it is probed as alice)
 
 Keystone's admin project id is needed by the plugins' configuration, so it
 is read from Keystone's database as soon as bootstrap has made it, and the
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import config as fdcs_config
-from . import _clients, _engine, _keystone, _redis, _tls
+from . import _clients, _engine, _keystone, _redis, _scoper, _tls
 from ._errors import Aborted, ComponentFailed, DevstackError
 from ._procs import Commands, free_ports, live_pid, terminate, unix_http, wait_until, write_if_changed
 from ._state import Host, Layout, State
@@ -54,12 +55,12 @@ CLIENTS = {
 }
 
 #: readiness deadlines (seconds) of a component just started
-TIMEOUTS = {"redis": 20, "keystone": 90, "authz": 60, "engine": 90}
+TIMEOUTS = {"redis": 20, "keystone": 90, "authz": 60, "engine": 90, "scoper": 60}
 #: how long an already running component may take to answer before ``up``
 #: declares it hung and restarts it.  An engine gets longer: while its plugin
 #: was down it may be in its ~30 s plugin retry, and restarting an engine
 #: kills the tenants' containers.
-GRACE = {"redis": 5, "keystone": 10, "authz": 10, "engine": 45}
+GRACE = {"redis": 5, "keystone": 10, "authz": 10, "engine": 45, "scoper": 10}
 
 REQUIRED = (
     _redis.REDIS_SERVER, _keystone.PYTHON, _keystone.WSGI_PUBLIC, _engine.DOCKERD, _engine.DOCKER,
@@ -148,6 +149,7 @@ class Stack:
             state = State(L.state_file)
             n = self._host_count(state, hosts)
             self._first_values(state)
+            self._scoper_ports(state, n)
             cmds = Commands(L.logs)
             cmds.note("up", f"up --hosts {n} (state dir {L.root})")
             _Up(self, state, cmds, n).run()
@@ -341,15 +343,30 @@ class Stack:
                 alphabet = string.ascii_letters + string.digits
                 state["password"] = "".join(secrets.choice(alphabet) for _ in range(24))
 
+    def _scoper_ports(self, state: State, hosts: int) -> None:
+        """A port per host's scoper, chosen once and kept (like the others);
+        none while the scoper is not installed."""
+        if _scoper.command() is None:
+            return
+        with state.lock:
+            ports = dict(state.get("ports", {}))
+            missing = [k for k in range(1, hosts + 1) if not ports.get(_scoper.port_key(self.layout.host(k)))]
+            if not missing:
+                return
+            taken = set(ports.values())
+            fresh = [p for p in free_ports(len(missing) + len(taken)) if p not in taken][: len(missing)]
+            for k, port in zip(missing, fresh):
+                ports[_scoper.port_key(self.layout.host(k))] = port
+            state["ports"] = ports
+
     def _hosts_seen(self, state: State) -> int:
         """Hosts of a finished ``up`` or of a half-started one."""
         return max([state.get("hosts", 0)] + [h.index for h in self.layout.known_hosts()])
 
     def _daemons(self, state: State, hosts: int) -> list[_Daemon]:
         """Every daemon, in status order: redis, keystone, then per host
-        engine-hK, authz-hK (and, once the name scoper exists, scoper-hK:
-        add its _Daemon in _host_daemons and start it after the engine in
-        _Up._host)."""
+        engine-hK, authz-hK, scoper-hK (the scopers only once
+        ``fdcs-name-scoper`` is installed)."""
         L = self.layout
         ports = state.get("ports", {})
         rport, kport = ports.get("redis", 0), ports.get("keystone", 0)
@@ -361,14 +378,14 @@ class Stack:
                     lambda: _keystone.ready(kport), "keystone"),
         ]
         for k in range(1, hosts + 1):
-            out.extend(self._host_daemons(L.host(k)))
+            out.extend(self._host_daemons(L.host(k), ports))
         return out
 
-    def _host_daemons(self, host: Host) -> list[_Daemon]:
+    def _host_daemons(self, host: Host, ports: dict[str, int]) -> list[_Daemon]:
         L = self.layout
         engine = _engine.component(host)
         authz = f"authz-{host.suffix}"
-        return [
+        out = [
             _Daemon(engine, L.pidfile(engine), L.log(engine), f"unix://{host.engine_socket}",
                     lambda: _engine.dockerd_argv(host), dict,
                     # every request passes the plugin: while it is down the
@@ -385,6 +402,15 @@ class Stack:
                     },
                     lambda: plugin_ready(host), "authz"),
         ]
+        exe = _scoper.command()
+        if exe is not None:
+            scoper = _scoper.component(host)
+            port = ports.get(_scoper.port_key(host))
+            out.append(
+                _Daemon(scoper, L.pidfile(scoper), L.log(scoper), _scoper.addr(port),
+                        lambda: _scoper.argv(exe, L), lambda: _scoper.env(host, port, L),
+                        lambda: _scoper.ping(port, L), "scoper"))
+        return out
 
     def _admin_headers(self) -> dict[str, str]:
         try:
@@ -430,6 +456,8 @@ class _Up:
         self.rport = state["ports"]["redis"]
         self.daemons = {d.name: d for d in stack._daemons(state, hosts)}
         self.admin_id: cf.Future[str] = cf.Future()
+        #: done when the demo users' config dirs exist (the scopers' probe is alice)
+        self.clients: cf.Future[None] = cf.Future()
         self.conf_lock = threading.Lock()
         self.conf_changed: bool | None = None
 
@@ -437,6 +465,9 @@ class _Up:
 
     def run(self) -> None:
         L, cmds = self.L, self.cmds
+        if _scoper.command() is None:
+            log.warning("%s is not installed: no name scopers are started, and FDCS_DOCKER_HOST(S) "
+                        "point at the engines (plugin-only mode)", _scoper.COMMAND)
         key = _clients.ensure_admin_key(L)
         _clients.ensure_admin_key_config(L, _admin_header(), key)
         with cf.ThreadPoolExecutor(max_workers=5 + 2 * self.n, thread_name_prefix="up") as pool:
@@ -467,8 +498,9 @@ class _Up:
             result = fn(*args)
         except BaseException as e:
             self.cmds.abort.set()
-            if not self.admin_id.done():
-                self.admin_id.set_exception(Aborted(f"{name} failed"))
+            for fut in (self.admin_id, self.clients):
+                if not fut.done():
+                    fut.set_exception(Aborted(f"{name} failed"))
             if not isinstance(e, Aborted):
                 log.error("%s: %s", name, e)
             raise
@@ -541,6 +573,7 @@ class _Up:
         url = _keystone.url(self.kport)
         for user, project in CLIENTS.values():
             _clients.ensure_user_config(self.L, self.state, self.cmds, url, user, project)
+        self.clients.set_result(None)
 
     def _provision(self) -> None:
         """The demo projects and users of DEVSTACK.md (skipped when state.json
@@ -590,7 +623,8 @@ class _Up:
             return self.conf_changed
 
     def _host(self, host: Host) -> None:
-        """Plugin, then engine (dockerd asks for its plugin at start), then image."""
+        """Plugin, then engine (dockerd asks for its plugin at start), then
+        image, then the name scoper (in front of the engine)."""
         changed = self._conf()
         authz = self.daemons[f"authz-{host.suffix}"]
         engine = self.daemons[_engine.component(host)]
@@ -606,18 +640,25 @@ class _Up:
         headers = self.stack._admin_headers()
         if not _engine.has_image(host, headers):
             _engine.import_busybox(host, self.L, self.cmds)
-        # scoper-hK: once the name scoper exists, start it here (TLS on
-        # 127.0.0.1, upstream host.engine_socket, DIR/tls/server-*.pem).
+        scoper = self.daemons.get(_scoper.component(host))
+        if scoper is None:
+            return  # not installed (run() said so)
+        # Its probe authenticates as alice through Keystone: wait for her
+        # config dir, and for Keystone itself, so that a Keystone being
+        # restarted by this same run is not taken for a hung scoper.
+        self.clients.result()
+        self._daemon(scoper, restart=changed and live_pid(scoper.pidfile) is not None)
 
     # -- env -----------------------------------------------------------------------------
 
     def _env_text(self) -> str:
         L, st = self.L, self.state
         engines = [f"unix://{L.host(k).engine_socket}" for k in range(1, self.n + 1)]
-        # Until the name scoper exists, tenants talk to the engines directly
-        # (plugin-only mode): FDCS_DOCKER_HOST(S) are the engines' sockets.
-        # The scoper takes over with tcp://127.0.0.1:PORT of each host.
-        docker_hosts = engines
+        # Tenants use the hosts' name scopers (tcp://127.0.0.1:PORT, TLS);
+        # without an installed scoper they talk to the engines directly
+        # (plugin-only mode).
+        scopers = [self.daemons.get(_scoper.component(L.host(k))) for k in range(1, self.n + 1)]
+        docker_hosts = [d.addr for d in scopers] if all(scopers) else engines
         ca = str(L.certs / "ca.pem")
         values = {
             "FDCS_DOCKER_HOST": docker_hosts[0],
@@ -626,9 +667,9 @@ class _Up:
             "DOCKER_CERT_PATH": str(L.certs),
             "REQUESTS_CA_BUNDLE": ca,
             "CURL_CA_BUNDLE": ca,
-            # "1" as soon as the hosts are TLS scopers.  Meanwhile empty (unset
-            # for the docker CLI and docker-py): with it set, the CLI speaks
-            # TLS even over a unix socket and every command fails.
+            # "1" for the TLS scopers.  Empty (unset for the docker CLI and
+            # docker-py) in plugin-only mode: with it set, the CLI speaks TLS
+            # even over a unix socket and every command fails.
             "DOCKER_TLS_VERIFY": "1" if docker_hosts[0].startswith("tcp://") else "",
             **{k: str(L.client_dir(user)) for k, (user, _) in CLIENTS.items()},
             "FDCS_TENANT_A": st["projects"]["tenant-a"],

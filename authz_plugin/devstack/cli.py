@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="where the stack keeps its state and logs (default %(default)s)")
     p = argparse.ArgumentParser(prog="fdcs-devstack",
                                 description="Run FDCS on this machine: Redis, Keystone, and N Docker "
-                                            "hosts with their authorization plugins.")
+                                            "hosts with their authorization plugins and name scopers.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", parents=[common], help="start whatever is not running (idempotent)")
     up.add_argument("--hosts", type=int, metavar="N",

@@ -6,7 +6,10 @@ One stack per test session, brought up with the product's own
 removes namespaces, mounts and plugin sockets), even when tests fail.
 
 Tests drive the engines with Debian's stock docker CLI (``/usr/bin/docker``)
-and the demo users' config dirs, exactly as a tenant would.
+and the demo users' config dirs, exactly as a tenant would: the plugin's
+tests straight on the engine sockets (``FDCS_ENGINE_HOSTS``, plugin-only
+mode, ``Stack.cli``), the name scoper's through host 1's scoper
+(``FDCS_DOCKER_HOST``, TLS, ``Stack.scoper_cli`` and the ``scoper`` fixture).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from authz_plugin.devstack._scoper import command as scoper_command
 
 DOCKER = os.environ.get("FDCS_DOCKER_CLI", "/usr/bin/docker")
 DEVSTACK = ["fdcs-devstack"]
@@ -70,7 +75,36 @@ class Stack:
         return int(self.status()[component]["pid"])
 
     def cli(self, user: str, host: str | None = None) -> "Cli":
-        return Cli(self.env[user], host or self.env["FDCS_ENGINE_HOSTS"].split()[0])
+        """The CLI as ``user`` (a FDCS_CONFIG_* key) straight on an engine (host 1's by default)."""
+        return Cli(self.env[user], host or self.env["FDCS_ENGINE_HOSTS"].split()[0], env=client_env())
+
+    @property
+    def certs(self) -> Path:
+        return Path(self.env["DOCKER_CERT_PATH"])
+
+    def scoper_cli(self, user: str, host: str | None = None, cert_path: str | os.PathLike | None = None) -> "Cli":
+        """The CLI as ``user`` (a FDCS_CONFIG_* key or a config dir) through
+        a name scoper (host 1's by default), verifying its certificate with
+        ``--tlsverify`` and the files of ``cert_path`` (default the stack's
+        DOCKER_CERT_PATH)."""
+        certs = Path(cert_path or self.certs)
+        tls = ["--tlsverify", "--tlscacert", str(certs / "ca.pem"),
+               "--tlscert", str(certs / "cert.pem"), "--tlskey", str(certs / "key.pem")]
+        return Cli(self.env.get(user, user), host or self.env["FDCS_DOCKER_HOST"], tls=tls, env=client_env())
+
+    def client_env(self, user: str, cert_path: str | os.PathLike | None = None, host: str | None = None,
+                   ca_bundle: bool = True) -> dict[str, str]:
+        """The environment under which docker-py and docker-compose talk to a
+        scoper as ``user``: DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH,
+        DOCKER_CONFIG (whose HttpHeaders they send) and, with ``ca_bundle``,
+        REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE pointing at the same CA (else
+        unset, so that nothing overrides the CA of DOCKER_CERT_PATH)."""
+        certs = Path(cert_path or self.certs)
+        env = client_env(DOCKER_HOST=host or self.env["FDCS_DOCKER_HOST"], DOCKER_TLS_VERIFY="1",
+                         DOCKER_CERT_PATH=str(certs), DOCKER_CONFIG=self.env.get(user, user))
+        if ca_bundle:
+            env["REQUESTS_CA_BUNDLE"] = env["CURL_CA_BUNDLE"] = str(certs / "ca.pem")
+        return env
 
     def raw(self, user: str | None, host: str | None = None) -> "Raw":
         headers = {}
@@ -80,27 +114,51 @@ class Stack:
         return Raw((host or self.env["FDCS_ENGINE_HOSTS"].split()[0]).removeprefix("unix://"), headers)
 
 
-class Cli:
-    """The stock docker CLI as one user."""
+def client_env(**extra: str) -> dict[str, str]:
+    """This process's environment without DOCKER_*, COMPOSE_* and the CA
+    bundle overrides (this machine points REQUESTS_CA_BUNDLE at the system
+    bundle), plus ``extra``."""
+    drop = ("DOCKER_", "COMPOSE_")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(drop) and k not in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
+    env.update(extra)
+    return env
 
-    def __init__(self, config_dir: str, host: str):
+
+class Cli:
+    """The stock docker CLI as one user (``tls``: extra global flags, e.g.
+    ``--tlsverify ...``; ``env``: its environment, default this process's).
+    ``Stack.cli`` and ``Stack.scoper_cli`` pass ``client_env()``, so that a
+    shell that sourced a stack's env file (DOCKER_TLS_VERIFY...) changes
+    nothing."""
+
+    def __init__(self, config_dir: str, host: str, tls: list[str] | None = None,
+                 env: dict[str, str] | None = None):
         self.config_dir = config_dir
         self.host = host
+        self.tls = list(tls or [])
+        self.env = env
+
+    def argv(self, *args: str) -> list[str]:
+        return [DOCKER, "--config", self.config_dir, "-H", self.host, *self.tls, *args]
 
     def __call__(self, *args: str, check: bool = True, input: str | bytes | None = None,
                  timeout: float = 120) -> subprocess.CompletedProcess:
-        argv = [DOCKER, "--config", self.config_dir, "-H", self.host, *args]
+        argv = self.argv(*args)
         p = subprocess.run(argv, capture_output=True, input=input, timeout=timeout,
-                           text=not isinstance(input, bytes))
+                           text=not isinstance(input, bytes), env=self.env)
         if check and p.returncode != 0:
             raise AssertionError(f"{' '.join(args)} failed ({p.returncode}): {p.stderr}")
         return p
 
-    def fails(self, *args: str, match: str = "") -> str:
-        p = self(*args, check=False)
+    def fails(self, *args: str, match: str = "", input: str | bytes | None = None) -> str:
+        p = self(*args, check=False, input=input)
         assert p.returncode != 0, f"{' '.join(args)} should have been refused; it printed {p.stdout!r}"
         assert match in p.stderr, f"{' '.join(args)}: expected {match!r} in {p.stderr!r}"
         return p.stderr
+
+    def popen(self, *args: str, **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(*args), env=self.env, **kw)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -167,6 +225,20 @@ def stack():
         yield s
     finally:
         s.cmd("down", check=False)
+
+
+@pytest.fixture(scope="session")
+def scoper(stack) -> str:
+    """Host 1's name scoper (``tcp://127.0.0.1:PORT``); the tests that need
+    it skip while ``fdcs-name-scoper`` is not installed (the stack then runs
+    in plugin-only mode), and fail if it is installed but not in use."""
+    host = stack.env["FDCS_DOCKER_HOST"]
+    if not host.startswith("tcp://"):
+        if scoper_command() is not None:
+            pytest.fail(f"fdcs-name-scoper is installed but FDCS_DOCKER_HOST is {host}: the stack "
+                        "was brought up without it (fdcs-devstack up)")
+        pytest.skip("fdcs-name-scoper is not installed: the stack runs in plugin-only mode")
+    return host
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):

@@ -1,6 +1,10 @@
 """``fdcs-devstack`` itself on the real machine: up, status, idempotent up,
 repair of one killed component, failure reporting, tenant add, down.
 
+With ``fdcs-name-scoper`` installed every host has a name scoper
+(``scoper-hK``) and ``DIR/env`` points tenants at the scopers (TLS);
+without it the stack runs in plugin-only mode and the scoper checks skip.
+
 These tests use a stack of their own (two hosts, its own state dir), not the
 session's: they kill its components and finally take it down.
 """
@@ -20,6 +24,7 @@ import pytest
 import requests
 
 from authz_plugin.devstack import ComponentFailed, Stack
+from authz_plugin.devstack import _scoper
 from authz_plugin.devstack._procs import proc_alive
 
 ENV_KEYS = [
@@ -29,7 +34,10 @@ ENV_KEYS = [
     "FDCS_TENANT_A", "FDCS_TENANT_B", "FDCS_KEYSTONE_URL", "FDCS_REDIS_URL", "FDCS_PASSWORD",
     "FDCS_ADMIN_KEY_FILE", "FDCS_CONF",
 ]
-NAMES = ["redis", "keystone", "engine-h1", "authz-h1", "engine-h2", "authz-h2"]
+SCOPER = _scoper.command() is not None
+HOST_PARTS = ["engine", "authz"] + (["scoper"] if SCOPER else [])
+NAMES = ["redis", "keystone"] + [f"{part}-h{k}" for k in (1, 2) for part in HOST_PARTS]
+needs_scoper = pytest.mark.skipif(not SCOPER, reason="fdcs-name-scoper is not installed")
 LINE = re.compile(r"^(\S+) (up|down) pid=(\d+|-) addr=(\S+)$")
 
 
@@ -69,6 +77,15 @@ def _admin_docker(stack: Stack, host: str, *args: str) -> str:
     return p.stdout
 
 
+def _tenant_docker(env: dict[str, str], user: str, host: str, *args: str) -> subprocess.CompletedProcess:
+    """The stock CLI as a tenant through a scoper, configured only by the
+    stack's env (DOCKER_TLS_VERIFY, DOCKER_CERT_PATH), as DEVSTACK.md says."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "FDCS_"))}
+    clean.update(DOCKER_TLS_VERIFY=env["DOCKER_TLS_VERIFY"], DOCKER_CERT_PATH=env["DOCKER_CERT_PATH"])
+    return subprocess.run(["/usr/bin/docker", "--config", env[user], "-H", host, *args],
+                          capture_output=True, text=True, timeout=60, env=clean)
+
+
 def test_status_lists_every_component_up(ds):
     out = subprocess.run(["fdcs-devstack", "status", "--state-dir", str(ds.dir)],
                          capture_output=True, text=True, timeout=60)
@@ -77,6 +94,9 @@ def test_status_lists_every_component_up(ds):
     assert [LINE.match(l).group(1) for l in lines] == NAMES, lines
     assert all(LINE.match(l).group(2) == "up" for l in lines), lines
     assert all(proc_alive(int(LINE.match(l).group(3))) for l in lines)
+    if SCOPER:
+        addrs = [LINE.match(l).group(4) for l in lines if l.startswith("scoper-")]
+        assert addrs == ds.env()["FDCS_DOCKER_HOSTS"].split(), (addrs, ds.env()["FDCS_DOCKER_HOSTS"])
 
 
 def test_env_has_the_contract_keys_and_working_identities(ds):
@@ -99,6 +119,24 @@ def test_env_has_the_contract_keys_and_working_identities(ds):
     # every engine has busybox, and its plugin admits the break-glass key
     for host in engines:
         assert "busybox" in _admin_docker(ds, host, "images", "--format", "{{.Repository}}:{{.Tag}}")
+    certs = Path(env["DOCKER_CERT_PATH"])
+    assert env["REQUESTS_CA_BUNDLE"] == env["CURL_CA_BUNDLE"] == str(certs / "ca.pem")
+    hosts = env["FDCS_DOCKER_HOSTS"].split()
+    assert env["FDCS_DOCKER_HOST"] == hosts[0] and len(hosts) == 2
+    if not SCOPER:  # plugin-only mode: tenants use the engines
+        assert hosts == engines and env["DOCKER_TLS_VERIFY"] == ""
+        return
+    assert env["DOCKER_TLS_VERIFY"] == "1"
+    assert all(re.fullmatch(r"tcp://127\.0\.0\.1:\d+", h) for h in hosts) and len(set(hosts)) == 2, hosts
+    # each scoper answers the stock CLI over verified TLS, as a tenant, on its own engine
+    for host, engine in zip(hosts, engines):
+        p = _tenant_docker(env, "FDCS_CONFIG_A1", host, "info", "--format", "{{.Name}} {{.DockerRootDir}}")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split()[1] == _admin_docker(ds, engine, "info", "--format", "{{.DockerRootDir}}").strip()
+    # negative control: without the stack's CA the scoper's certificate is not trusted
+    bad = dict(env, DOCKER_CERT_PATH=str(ds.dir / "no-such-certs"))
+    p = _tenant_docker(bad, "FDCS_CONFIG_A1", hosts[0], "version")
+    assert p.returncode != 0
 
 
 def test_second_up_changes_nothing(ds):
@@ -113,11 +151,18 @@ def test_second_up_changes_nothing(ds):
     assert took < 5
 
 
-@pytest.mark.parametrize("victim", ["redis", "keystone", "authz-h2", "engine-h1"])
+@pytest.mark.parametrize("victim", ["redis", "keystone", "authz-h2", "engine-h1",
+                                    pytest.param("scoper-h1", marks=needs_scoper)])
 def test_up_restarts_just_the_killed_component(ds, victim):
     env = ds.env()
     before = _pids(ds)
     ds.kill(victim)
+    if victim.startswith("scoper-"):
+        # down, and its port closed, before the repair
+        status = {s.name: s for s in ds.status()}
+        assert not status[victim].up and status[victim].pid is None
+        p = _tenant_docker(env, "FDCS_CONFIG_A1", env["FDCS_DOCKER_HOST"], "version")
+        assert p.returncode != 0
     ds.up()
     after = _pids(ds)
     assert after[victim] != before[victim]
@@ -125,6 +170,10 @@ def test_up_restarts_just_the_killed_component(ds, victim):
     assert all(s.up for s in ds.status())
     assert ds.env() == env  # state kept: same ports, projects, password
     _validate(env, env["FDCS_CONFIG_A1"])  # tokens made before still work
+    if SCOPER:  # tenants get through again, at the same address
+        for host in env["FDCS_DOCKER_HOSTS"].split():
+            p = _tenant_docker(env, "FDCS_CONFIG_A1", host, "info")
+            assert p.returncode == 0, (victim, host, p.stderr)
 
 
 def test_failed_up_names_the_component_and_its_log(ds):
