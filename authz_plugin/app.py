@@ -33,10 +33,10 @@ def _reply(obj) -> Response:
 def build_authorizer(cfg: Config):
     """The production wiring: Keystone identity and the Redis store."""
     from .identity import IdentityService
-    from .ownership import Store, connect
+    from .ownership import Store
     from .policy import Authorizer
 
-    return Authorizer(cfg, IdentityService(cfg), Store(connect(cfg), cfg["redis.exec_ttl"]))
+    return Authorizer(cfg, IdentityService(cfg), Store.from_config(cfg))
 
 
 def create_app(cfg: Config, authorizer=None) -> Flask:

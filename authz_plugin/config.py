@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 import tomllib
 from typing import Any, Callable, Mapping
 
@@ -139,6 +140,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
+    # -- this host ------------------------------------------------------------
+    Option("host", "id", _str, socket.gethostname(), "this Docker host's id in the shared records (unique per host; default: the hostname)"),
     # -- identity ---------------------------------------------------------
     Option("keystone", "url", _url, "", "Keystone v3 endpoint, e.g. http://keystone:5000/v3", True),
     Option("keystone", "ca_file", _str, "", "CA bundle to verify Keystone's TLS certificate (empty: system bundle)"),
@@ -175,6 +178,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("scoper", "default_pids_limit", _int, 512, "PidsLimit given to a container that sets none"),
     Option("scoper", "max_connections", _int, 2000, "concurrent client connections before new ones wait"),
     Option("scoper", "log_level", _str, "info", "debug, info, warning or error"),
+    # -- reconciler ---------------------------------------------------------------
+    Option("reconciler", "engine_socket", _str, "/run/docker.sock", "the engine's unix socket the reconciler reads"),
+    Option("reconciler", "interval", _float, 60.0, "seconds between full reconciles (also the bound on rebuilding after a Redis loss)"),
+    Option("reconciler", "admin_key_file", _str, "", "break-glass key the reconciler uses (empty: keystone.admin_key_file)"),
     # -- policy ---------------------------------------------------------------
     Option("policy", "min_api_version", _str, "1.40", "oldest Docker API version accepted"),
     Option("policy", "max_api_version", _str, "1.41", "newest Docker API version accepted (the engine's own)"),
@@ -188,6 +195,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("policy", "host_port_range", _port_range, (30000, 32767), "host ports a tenant may publish explicitly (ephemeral ports are always allowed)"),
     Option("policy", "default_runtime", _str, "runc", "the only OCI runtime a tenant may name"),
     Option("policy", "registries", _strlist, ("docker.io",), "registries tenants may pull from, search and log in to"),
+    Option("policy", "container_names", _str, "cluster", "'cluster': a tenant's container names are unique across all hosts; 'host': per host"),
 )
 
 _BY_NAME = {o.dotted: o for o in OPTIONS}
@@ -271,6 +279,10 @@ def load(
     for key in ("policy.min_api_version", "policy.max_api_version"):
         if not re.fullmatch(r"1\.\d+", values[key]):
             raise ConfigError(f"option {key}: expected a version such as 1.41")
+    if values["policy.container_names"] not in ("cluster", "host"):
+        raise ConfigError("option policy.container_names: expected 'cluster' or 'host'")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", values["host.id"]):
+        raise ConfigError("option host.id: letters, digits, '_', '.', '-' (at most 64)")
     for key in ("plugin.workers", "plugin.threads", "keystone.cache_size"):
         if values[key] < 1:
             raise ConfigError(f"option {key}: must be at least 1")

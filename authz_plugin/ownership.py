@@ -1,28 +1,40 @@
 """Ownership records in Redis: which tenant owns which container, exec,
-network and volume.
+network and volume, on which host.
 
-The Redis model (also in ARCHITECTURE.md, "The Redis model"):
+The Redis model (also in ARCHITECTURE.md, "The Redis model").  ``<host>`` is
+the host id (``host.id``); ids are unique across hosts, names only per
+engine:
 
-=============================  ======  =========================================
-key                            type    content
-=============================  ======  =========================================
-``fdcs:own:<kind>``            hash    id -> tenant (kind: container, network,
-                                       volume; a volume's id is its name)
-``fdcs:ids:<kind>``            zset    every id, score 0, for id-prefix search
-                                       (container, network)
-``fdcs:names:<kind>``          hash    engine name -> id (container, network)
-``fdcs:nameof:<kind>``         hash    id -> engine name (to drop a name on
-                                       removal and rename)
-``fdcs:exec:<id>``             string  ``<tenant> <container id>``, expires
-                                       after ``redis.exec_ttl`` seconds
-=============================  ======  =========================================
+================================  ======  =======================================
+key                               type    content
+================================  ======  =======================================
+``fdcs:own:<kind>``               hash    id -> tenant (kind: container, network,
+                                          volume; a volume's id is its name)
+``fdcs:host:<kind>``              hash    id -> host that holds the resource
+``fdcs:ids:<kind>:<host>``        zset    the host's ids, score 0, for id-prefix
+                                          search (container, network)
+``fdcs:names:<kind>:<host>``      hash    engine name -> id, per host
+``fdcs:nameof:<kind>``            hash    id -> engine name
+``fdcs:cname``                    hash    scoped container name -> ``<host> <id>``:
+                                          cluster-wide container names
+``fdcs:resv:<scoped name>``       string  ``<host>``: a container name being
+                                          created or renamed to, expires in 120 s
+``fdcs:exec:<id>``                string  ``<tenant> <container id>``, expires
+                                          after ``redis.exec_ttl`` seconds
+``fdcs:reconciled``               hash    host -> time of its last complete
+                                          reconcile (written only by the
+                                          reconciler, after a full pass)
+================================  ======  =======================================
 
 :meth:`Store.resolve` answers, in one round trip for any number of
 references, what the engine would resolve each to -- full id first, then an
 exact name, then a unique id prefix (moby's ``GetContainer`` and
-``FindNetwork`` order) -- and who owns it.  Writes happen after the engine
-answered a create or removal (``AuthZRes``), each as one Lua script so that a
-record is never half-written.
+``FindNetwork`` order) -- and who owns it; for a reference it cannot find it
+also says whether this host's records are complete (a reconcile has run
+since Redis last lost its data), so that an unknown reference is answered
+"retry" rather than "no such" while ownership is being rebuilt.  Writes
+happen after the engine answered (``AuthZRes``) or from the reconciler, each
+as one Lua script so that a record is never half-written.
 
 Every Redis failure is raised as :class:`StoreUnavailable`; the caller denies.
 """
@@ -40,23 +52,27 @@ from .errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
+KINDS = ("container", "network", "volume")
 KINDS_WITH_IDS = ("container", "network")
 PREFIX_LIMIT = 64
+RESERVATION_TTL = 120
 
 _RESOLVE = """
-local kind, ref, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local kind, ref, limit, host = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
+local ready = redis.call('HEXISTS', 'fdcs:reconciled', host)
 if kind == 'exec' then
   local v = redis.call('GET', 'fdcs:exec:' .. ref)
   if v then return {'id', ref, string.match(v, '^(%S+)')} end
-  return {'none'}
+  return {'none', ready}
 end
 local owner = redis.call('HGET', 'fdcs:own:' .. kind, ref)
 if owner then return {'id', ref, owner} end
-if kind == 'volume' then return {'none'} end
-local id = redis.call('HGET', 'fdcs:names:' .. kind, ref)
+if kind == 'volume' then return {'none', ready} end
+local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
-if ARGV[4] ~= '1' then return {'none'} end
-local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
+if ARGV[4] ~= '1' then return {'none', ready} end
+local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
+if #ids == 0 then return {'none', ready} end
 local out = {'prefix'}
 for _, i in ipairs(ids) do
   out[#out + 1] = i
@@ -66,11 +82,11 @@ return out
 """
 
 _TENANT_REF = """
-local kind, tenant, ref, scoped, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local kind, tenant, ref, scoped, limit, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
 if redis.call('HGET', 'fdcs:own:' .. kind, ref) == tenant then return {'id', ref} end
 if kind == 'volume' then return {'name', scoped} end
-if redis.call('HEXISTS', 'fdcs:names:' .. kind, scoped) == 1 then return {'name', scoped} end
-local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
+if redis.call('HEXISTS', 'fdcs:names:' .. kind .. ':' .. host, scoped) == 1 then return {'name', scoped} end
+local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
 local mine = nil
 for _, i in ipairs(ids) do
   if redis.call('HGET', 'fdcs:own:' .. kind, i) == tenant then
@@ -82,14 +98,23 @@ if mine then return {'id', mine} end
 return {'none', ref}
 """
 
+# add (or re-own) a record; drops the name the id had before on its host
 _ADD = """
-local kind, id, tenant, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local kind, id, tenant, name, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 redis.call('HSET', 'fdcs:own:' .. kind, id, tenant)
+redis.call('HSET', 'fdcs:host:' .. kind, id, host)
 if kind ~= 'volume' then
-  redis.call('ZADD', 'fdcs:ids:' .. kind, 0, id)
+  redis.call('ZADD', 'fdcs:ids:' .. kind .. ':' .. host, 0, id)
+  local names = 'fdcs:names:' .. kind .. ':' .. host
+  local old = redis.call('HGET', 'fdcs:nameof:' .. kind, id)
+  if old and old ~= name and redis.call('HGET', names, old) == id then redis.call('HDEL', names, old) end
   if name ~= '' then
-    redis.call('HSET', 'fdcs:names:' .. kind, name, id)
+    redis.call('HSET', names, name, id)
     redis.call('HSET', 'fdcs:nameof:' .. kind, id, name)
+    if kind == 'container' then
+      redis.call('HSET', 'fdcs:cname', name, host .. ' ' .. id)
+      redis.call('DEL', 'fdcs:resv:' .. name)
+    end
   end
 end
 return 1
@@ -97,13 +122,17 @@ return 1
 
 _REMOVE = """
 local kind, id = ARGV[1], ARGV[2]
+local host = redis.call('HGET', 'fdcs:host:' .. kind, id) or ARGV[3]
 local n = redis.call('HDEL', 'fdcs:own:' .. kind, id)
+redis.call('HDEL', 'fdcs:host:' .. kind, id)
 if kind ~= 'volume' then
-  redis.call('ZREM', 'fdcs:ids:' .. kind, id)
+  redis.call('ZREM', 'fdcs:ids:' .. kind .. ':' .. host, id)
   local name = redis.call('HGET', 'fdcs:nameof:' .. kind, id)
   if name then
-    if redis.call('HGET', 'fdcs:names:' .. kind, name) == id then
-      redis.call('HDEL', 'fdcs:names:' .. kind, name)
+    local names = 'fdcs:names:' .. kind .. ':' .. host
+    if redis.call('HGET', names, name) == id then redis.call('HDEL', names, name) end
+    if kind == 'container' and redis.call('HGET', 'fdcs:cname', name) == host .. ' ' .. id then
+      redis.call('HDEL', 'fdcs:cname', name)
     end
     redis.call('HDEL', 'fdcs:nameof:' .. kind, id)
   end
@@ -112,14 +141,45 @@ return n
 """
 
 _RENAME = """
-local kind, id, new = ARGV[1], ARGV[2], ARGV[3]
+local kind, id, new, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local names = 'fdcs:names:' .. kind .. ':' .. host
 local old = redis.call('HGET', 'fdcs:nameof:' .. kind, id)
-if old and redis.call('HGET', 'fdcs:names:' .. kind, old) == id then
-  redis.call('HDEL', 'fdcs:names:' .. kind, old)
+if old and redis.call('HGET', names, old) == id then redis.call('HDEL', names, old) end
+if old and kind == 'container' and redis.call('HGET', 'fdcs:cname', old) == host .. ' ' .. id then
+  redis.call('HDEL', 'fdcs:cname', old)
 end
-redis.call('HSET', 'fdcs:names:' .. kind, new, id)
+redis.call('HSET', names, new, id)
 redis.call('HSET', 'fdcs:nameof:' .. kind, id, new)
+if kind == 'container' then
+  redis.call('HSET', 'fdcs:cname', new, host .. ' ' .. id)
+  redis.call('DEL', 'fdcs:resv:' .. new)
+end
 return 1
+"""
+
+# Reserve a cluster-wide container name for a create or rename on ``host``:
+# refused when another host holds the name or is creating it right now.
+_RESERVE = """
+local name, host, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local held = redis.call('HGET', 'fdcs:cname', name)
+if held then
+  local h = string.match(held, '^(%S+)')
+  if h ~= host then return {'held', h} end
+  return {'ok', host}
+end
+local ok = redis.call('SET', 'fdcs:resv:' .. name, host, 'NX', 'EX', ttl)
+if ok then return {'ok', host} end
+local by = redis.call('GET', 'fdcs:resv:' .. name)
+if by == host then
+  redis.call('EXPIRE', 'fdcs:resv:' .. name, ttl)
+  return {'ok', host}
+end
+return {'reserved', by or '?'}
+"""
+
+_RELEASE = """
+if redis.call('GET', 'fdcs:resv:' .. ARGV[1]) == ARGV[2] then return redis.call('DEL', 'fdcs:resv:' .. ARGV[1]) end
+return 0
 """
 
 
@@ -129,11 +189,14 @@ class Resolution:
 
     ``how`` is ``id``, ``name``, ``prefix`` or ``none``; ``matches`` lists
     ``(id, owner)`` (one entry for ``id`` and ``name``; every candidate for
-    ``prefix``; owner ``""`` when an id is indexed without an owner).
+    ``prefix``; owner ``""`` when an id is indexed without an owner).  For
+    ``none``, ``complete`` says whether this host's records are complete
+    (False while ownership is being rebuilt after a loss of Redis data).
     """
 
     how: str
     matches: tuple[tuple[str, str], ...] = ()
+    complete: bool = True
 
     def owned_by(self, tenant: str) -> bool:
         """True when the engine's target is certainly ``tenant``'s: every
@@ -166,17 +229,24 @@ def connect(cfg: Config) -> redis.Redis:
 
 
 class Store:
-    """Ownership records; every method raises :class:`StoreUnavailable` on a
-    Redis failure."""
+    """Ownership records of one host's view; every method raises
+    :class:`StoreUnavailable` on a Redis failure."""
 
-    def __init__(self, client: redis.Redis, exec_ttl: int = 7 * 86400):
+    def __init__(self, client: redis.Redis, exec_ttl: int = 7 * 86400, host: str = "local"):
         self.r = client
         self.exec_ttl = exec_ttl
+        self.host = host
         self._resolve = client.register_script(_RESOLVE)
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
         self._rename = client.register_script(_RENAME)
         self._tenant_ref = client.register_script(_TENANT_REF)
+        self._reserve = client.register_script(_RESERVE)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Store":
+        return cls(connect(cfg), cfg["redis.exec_ttl"], cfg["host.id"])
 
     def _call(self, fn, *args, **kw):
         try:
@@ -189,24 +259,31 @@ class Store:
             log.warning("redis error: %s", e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
             raise StoreUnavailable("ownership store unavailable, retry") from e
 
+    # -- reads ------------------------------------------------------------------
+
     def resolve(self, refs: list[tuple[str, str, bool]]) -> list[Resolution]:
         """Resolve ``(kind, ref, may_be_prefix)`` triples in one round trip."""
         if not refs:
             return []
 
+        def args(kind, ref, pfx):
+            return [kind, ref, PREFIX_LIMIT, "1" if pfx else "0", self.host]
+
         def run():
             if len(refs) == 1:
-                kind, ref, pfx = refs[0]
-                return [self._resolve(keys=[], args=[kind, ref, PREFIX_LIMIT, "1" if pfx else "0"])]
+                return [self._resolve(keys=[], args=args(*refs[0]))]
             pipe = self.r.pipeline(transaction=False)
             for kind, ref, pfx in refs:
-                self._resolve(keys=[], args=[kind, ref, PREFIX_LIMIT, "1" if pfx else "0"], client=pipe)
+                self._resolve(keys=[], args=args(kind, ref, pfx), client=pipe)
             return pipe.execute()
 
         out = []
         for raw in self._call(run):
             how, rest = raw[0], raw[1:]
-            out.append(Resolution(how, tuple(zip(rest[0::2], rest[1::2]))))
+            if how == "none":
+                out.append(Resolution("none", (), bool(rest and int(rest[0]))))
+            else:
+                out.append(Resolution(how, tuple(zip(rest[0::2], rest[1::2]))))
         return out
 
     def tenant_ref(self, kind: str, tenant: str, ref: str, scoped: str | None) -> tuple[str, str]:
@@ -215,28 +292,8 @@ class Store:
         prefix of its own ids.  Returns ``(how, value)`` with ``how`` one of
         ``id``, ``name``, ``ambiguous``, ``none``."""
         how, value = self._call(self._tenant_ref, keys=[],
-                                args=[kind, tenant, ref, scoped or "", PREFIX_LIMIT])
+                                args=[kind, tenant, ref, scoped or "", PREFIX_LIMIT, self.host])
         return how, value
-
-    def add(self, kind: str, id_: str, tenant: str, name: str = "") -> None:
-        self._call(self._add, keys=[], args=[kind, id_, tenant, name])
-
-    def add_volume_if_new(self, name: str, tenant: str) -> bool:
-        """Record a volume unless a record exists (a create answered for an
-        existing volume must not change its owner)."""
-        return bool(self._call(self.r.hsetnx, "fdcs:own:volume", name, tenant))
-
-    def remove(self, kind: str, id_: str) -> None:
-        if kind == "exec":
-            self._call(self.r.delete, f"fdcs:exec:{id_}")
-        else:
-            self._call(self._remove, keys=[], args=[kind, id_])
-
-    def rename(self, kind: str, id_: str, new_name: str) -> None:
-        self._call(self._rename, keys=[], args=[kind, id_, new_name])
-
-    def add_exec(self, exec_id: str, tenant: str, container_id: str) -> None:
-        self._call(self.r.set, f"fdcs:exec:{exec_id}", f"{tenant} {container_id}", ex=self.exec_ttl)
 
     def owner(self, kind: str, id_: str) -> str | None:
         if kind == "exec":
@@ -244,5 +301,90 @@ class Store:
             return v.split()[0] if v else None
         return self._call(self.r.hget, f"fdcs:own:{kind}", id_)
 
+    def name_target(self, kind: str, name: str) -> str | None:
+        """The id this host's ``name`` is recorded for."""
+        return self._call(self.r.hget, f"fdcs:names:{kind}:{self.host}", name)
+
+    def records(self, kind: str) -> dict[str, tuple[str, str]]:
+        """This host's records of ``kind``: id -> (tenant, name)."""
+        def run():
+            hosts = self.r.hgetall(f"fdcs:host:{kind}")
+            ids = [i for i, h in hosts.items() if h == self.host]
+            if not ids:
+                return {}
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(f"fdcs:own:{kind}", ids)
+            pipe.hmget(f"fdcs:nameof:{kind}", ids)
+            owners, names = pipe.execute()
+            return {i: (o or "", n or "") for i, o, n in zip(ids, owners, names)}
+        return self._call(run)
+
+    def execs(self) -> dict[str, tuple[str, str]]:
+        """Every exec record: id -> (tenant, container id)."""
+        def run():
+            keys = list(self.r.scan_iter("fdcs:exec:*", count=1000))
+            if not keys:
+                return {}
+            vals = self.r.mget(keys)
+            return {k.split(":", 2)[2]: tuple((v or " ").split(" ", 1)) for k, v in zip(keys, vals) if v}
+        return self._call(run)
+
+    def is_complete(self) -> bool:
+        return bool(self._call(self.r.hexists, "fdcs:reconciled", self.host))
+
     def ping(self) -> None:
         self._call(self.r.ping)
+
+    # -- writes -----------------------------------------------------------------
+
+    def add(self, kind: str, id_: str, tenant: str, name: str = "") -> None:
+        self._call(self._add, keys=[], args=[kind, id_, tenant, name, self.host])
+
+    def add_volume_if_new(self, name: str, tenant: str) -> bool:
+        """Record a volume unless a record exists (a create answered for an
+        existing volume must not change its owner)."""
+        def run():
+            if not self.r.hsetnx("fdcs:own:volume", name, tenant):
+                return False
+            self.r.hset("fdcs:host:volume", name, self.host)
+            return True
+        return bool(self._call(run))
+
+    def remove(self, kind: str, id_: str) -> None:
+        if kind == "exec":
+            self._call(self.r.delete, f"fdcs:exec:{id_}")
+        else:
+            self._call(self._remove, keys=[], args=[kind, id_, self.host])
+
+    def rename(self, kind: str, id_: str, new_name: str) -> None:
+        self._call(self._rename, keys=[], args=[kind, id_, new_name, self.host])
+
+    def add_exec(self, exec_id: str, tenant: str, container_id: str) -> None:
+        self._call(self.r.set, f"fdcs:exec:{exec_id}", f"{tenant} {container_id}", ex=self.exec_ttl)
+
+    def reserve_name(self, scoped: str) -> tuple[bool, str]:
+        """Reserve a cluster-wide container name for this host; returns
+        ``(ok, other_host)``."""
+        how, who = self._call(self._reserve, keys=[], args=[scoped, self.host, RESERVATION_TTL])
+        return how == "ok", who
+
+    def release_name(self, scoped: str) -> None:
+        self._call(self._release, keys=[], args=[scoped, self.host])
+
+    def mark_complete(self, when: float) -> None:
+        """Called by the reconciler after a full pass over this host."""
+        self._call(self.r.hset, "fdcs:reconciled", self.host, str(when))
+
+    def retire_host(self) -> int:
+        """Remove every record of this host (the host is gone for good)."""
+        n = 0
+        for kind in KINDS:
+            for id_ in self.records(kind):
+                self.remove(kind, id_)
+                n += 1
+        def run():
+            self.r.delete(f"fdcs:ids:container:{self.host}", f"fdcs:ids:network:{self.host}",
+                          f"fdcs:names:container:{self.host}", f"fdcs:names:network:{self.host}")
+            self.r.hdel("fdcs:reconciled", self.host)
+        self._call(run)
+        return n

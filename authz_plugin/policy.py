@@ -36,7 +36,7 @@ from typing import Any, Mapping
 from . import endpoints, rules
 from .audit import audit
 from .config import Config
-from .errors import BadRequest, FdcsError, Forbidden, NotFound, StoreUnavailable, Unsupported
+from .errors import BadRequest, Denied, FdcsError, Forbidden, NotFound, Retry, StoreUnavailable, Unsupported
 from .ownership import Store
 from .request import Request, parse
 from .scoping import TENANT_LABEL
@@ -63,6 +63,7 @@ class Authorizer:
         self.policy = rules.Policy.from_config(cfg)
         self.min_version = cfg["policy.min_api_version"]
         self.max_version = cfg["policy.max_api_version"]
+        self.cluster_names = cfg["policy.container_names"] == "cluster"
 
     # -- protocol entry points ------------------------------------------------
 
@@ -93,7 +94,7 @@ class Authorizer:
         t0 = time.perf_counter()
         rid = _request_id(payload)
         status = payload.get("ResponseStatusCode") or 0
-        if status not in (200, 201, 204) or payload.get("RequestMethod") not in ("POST", "DELETE"):
+        if payload.get("RequestMethod") not in ("POST", "DELETE"):
             return allow()  # nothing was created or removed
         who: dict[str, str] = {}
         req = None
@@ -107,6 +108,9 @@ class Authorizer:
             if ident.is_admin:
                 return allow()  # administrators' resources are adopted by the reconciler
             plan = rules.plan(req, ep, endpoints.params(ep, req.path), ident.project_id, self.policy)
+            if status not in (200, 201, 204):
+                self._release(plan)  # the create or rename failed: free its name
+                return allow()
             if ep.action == "scoped":
                 if req.path.endswith("/prune"):
                     self._record_prune(req.path, payload)
@@ -140,7 +144,29 @@ class Authorizer:
             raise Unsupported(f"{req.method} {req.path} is not supported by this service")
         plan = rules.plan(req, ep, endpoints.params(ep, req.path), ident.project_id, self.policy)
         self._check_needs(plan.needs, ident.project_id)
+        self._reserve(plan)
         return plan
+
+    def _reserved_name(self, plan: rules.Plan) -> str | None:
+        if not self.cluster_names or plan.record is None:
+            return None
+        what, spec = plan.record
+        return spec.get("name") if what in ("container", "rename") else None
+
+    def _reserve(self, plan: rules.Plan) -> None:
+        """Container names are unique across hosts: reserve the name now,
+        atomically, so that two hosts racing for it cannot both win."""
+        name = self._reserved_name(plan)
+        if name:
+            ok, other = self.store.reserve_name(name)
+            if not ok:
+                raise Denied(f'Conflict. The container name "/{name}" is already in use on host {other}; '
+                             "remove it there first (container names are unique across hosts)")
+
+    def _release(self, plan: rules.Plan) -> None:
+        name = self._reserved_name(plan)
+        if name:
+            self.store.release_name(name)
 
     def _check_needs(self, needs: list[rules.Need], tenant: str) -> None:
         pending = []
@@ -154,6 +180,9 @@ class Authorizer:
             return
         results = self.store.resolve([(n.kind, n.ref, n.kind in ("container", "network")) for n in pending])
         for need, res in zip(pending, results):
+            if res.how == "none" and not res.complete:
+                raise Retry("ownership records are being rebuilt after a restart of the ownership store; "
+                            "retry in a moment")
             if not res.owned_by(tenant):
                 raise NotFound(endpoints.MISSING[need.kind].format(ref=need.ref))
 

@@ -88,7 +88,7 @@ def handlers_context(cfg: Config):
         return prepare, cfg
     from authz_plugin.ownership import Store, connect
 
-    return prepare, handlers.Context(cfg, Store(connect(cfg), cfg["redis.exec_ttl"]))
+    return prepare, handlers.Context(cfg, Store.from_config(cfg))
 
 
 def _sd_notify(state: str) -> None:

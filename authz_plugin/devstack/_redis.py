@@ -38,3 +38,16 @@ def ping(port: int, timeout: float = 1.0) -> bool:
             return s.recv(64).startswith(b"+PONG")
     except OSError:
         return False
+
+
+def reconciled(port: int, host_id: str, timeout: float = 1.0) -> bool:
+    """True when host ``host_id`` has finished a full reconcile (the marker
+    only the reconciler writes, see ``authz_plugin.ownership``)."""
+    field = host_id.encode()
+    cmd = b"*3\r\n$7\r\nHEXISTS\r\n$15\r\nfdcs:reconciled\r\n$%d\r\n%s\r\n" % (len(field), field)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(cmd)
+            return s.recv(64).startswith(b":1")
+    except OSError:
+        return False

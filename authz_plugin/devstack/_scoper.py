@@ -69,9 +69,9 @@ def env(host: Host, port: int, layout: Layout) -> dict[str, str]:
         "FDCS_SCOPER_TLS_KEY": str(tls / "server-key.pem"),
         "FDCS_SCOPER_ENGINE_SOCKET": str(host.engine_socket),
         # the same per-host values the host's plugin gets
+        "FDCS_HOST_ID": host.name,
         "FDCS_PLUGIN_NAME": host.plugin_name,
         "FDCS_PLUGIN_SOCKET": str(host.plugin_socket),
-        "FDCS_PLUGIN_ENGINE_SOCKET": str(host.engine_socket),
     }
 
 

@@ -55,12 +55,15 @@ CLIENTS = {
 }
 
 #: readiness deadlines (seconds) of a component just started
-TIMEOUTS = {"redis": 20, "keystone": 90, "authz": 60, "engine": 90, "scoper": 60}
+#: seconds between the reconcilers' full passes in the local stack
+RECONCILE_INTERVAL = 5
+
+TIMEOUTS = {"redis": 20, "keystone": 90, "authz": 60, "engine": 90, "scoper": 60, "reconciler": 60}
 #: how long an already running component may take to answer before ``up``
 #: declares it hung and restarts it.  An engine gets longer: while its plugin
 #: was down it may be in its ~30 s plugin retry, and restarting an engine
 #: kills the tenants' containers.
-GRACE = {"redis": 5, "keystone": 10, "authz": 10, "engine": 45, "scoper": 10}
+GRACE = {"redis": 5, "keystone": 10, "authz": 10, "engine": 45, "scoper": 10, "reconciler": 10}
 
 REQUIRED = (
     _redis.REDIS_SERVER, _keystone.PYTHON, _keystone.WSGI_PUBLIC, _engine.DOCKERD, _engine.DOCKER,
@@ -102,14 +105,18 @@ class _Daemon:
     kind: str  # key of TIMEOUTS / GRACE
 
 
-def _authz_command() -> str:
-    """The installed ``fdcs-authz`` console script (beside this Python first:
-    pyenv and virtualenvs put it there, possibly not on PATH)."""
-    beside = Path(sys.executable).with_name("fdcs-authz")
-    found = str(beside) if beside.exists() else shutil.which("fdcs-authz")
+def _console_script(name: str) -> str:
+    """An installed console script of this package (beside this Python
+    first: pyenv and virtualenvs put it there, possibly not on PATH)."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
     if not found:
-        raise DevstackError("fdcs-authz is not installed; run: pip install -e .")
+        raise DevstackError(f"{name} is not installed; run: pip install -e .")
     return found
+
+
+def _authz_command() -> str:
+    return _console_script("fdcs-authz")
 
 
 def plugin_ready(host: Host) -> bool:
@@ -365,7 +372,7 @@ class Stack:
 
     def _daemons(self, state: State, hosts: int) -> list[_Daemon]:
         """Every daemon, in status order: redis, keystone, then per host
-        engine-hK, authz-hK, scoper-hK (the scopers only once
+        engine-hK, authz-hK, reconciler-hK, scoper-hK (the scopers only once
         ``fdcs-name-scoper`` is installed)."""
         L = self.layout
         ports = state.get("ports", {})
@@ -396,12 +403,20 @@ class Stack:
             _Daemon(authz, L.pidfile(authz), L.log(authz), f"unix://{host.plugin_socket}",
                     lambda: [_authz_command(), "--config", str(L.conf)],
                     lambda: {
+                        "FDCS_HOST_ID": host.name,
                         "FDCS_PLUGIN_NAME": host.plugin_name,
                         "FDCS_PLUGIN_SOCKET": str(host.plugin_socket),
-                        "FDCS_PLUGIN_ENGINE_SOCKET": str(host.engine_socket),
                     },
                     lambda: plugin_ready(host), "authz"),
         ]
+        rport = ports.get("redis", 0)
+        reconciler = f"reconciler-{host.suffix}"
+        out.append(
+            # ready once its first full pass has marked the host complete
+            _Daemon(reconciler, L.pidfile(reconciler), L.log(reconciler), f"unix://{host.engine_socket}",
+                    lambda: [_console_script("fdcs-reconciler"), "--config", str(L.conf)],
+                    lambda: {"FDCS_HOST_ID": host.name, "FDCS_RECONCILER_ENGINE_SOCKET": str(host.engine_socket)},
+                    lambda: _redis.reconciled(rport, host.name), "reconciler"))
         exe = _scoper.command()
         if exe is not None:
             scoper = _scoper.component(host)
@@ -604,13 +619,16 @@ class _Up:
                 text = (
                     "# FDCS configuration of the local stack (written by fdcs-devstack).\n"
                     "# Per-host values come from the environment of each host's processes:\n"
-                    "# FDCS_PLUGIN_NAME, FDCS_PLUGIN_SOCKET, FDCS_PLUGIN_ENGINE_SOCKET.\n"
+                    "# FDCS_HOST_ID, FDCS_PLUGIN_NAME, FDCS_PLUGIN_SOCKET, FDCS_SCOPER_*, FDCS_RECONCILER_*.\n"
                     "[keystone]\n"
                     f'url = "{_keystone.url(self.kport)}"\n'
                     f'admin_project_id = "{admin_id}"\n'
                     f'admin_key_file = "{self.L.admin_key}"\n'
                     "\n[redis]\n"
                     f'url = "{_redis.url(self.rport)}"\n'
+                    "\n[reconciler]\n"
+                    "# short, so that a Redis loss is repaired within seconds in trials and tests\n"
+                    f"interval = {RECONCILE_INTERVAL}\n"
                     "\n[policy]\n"
                     "# the engines run with --log-opt max-size=" + _engine.LOG_MAX_SIZE + "\n"
                     f'log_max_size = "{_engine.LOG_MAX_SIZE}"\n'
@@ -640,6 +658,11 @@ class _Up:
         headers = self.stack._admin_headers()
         if not _engine.has_image(host, headers):
             _engine.import_busybox(host, self.L, self.cmds)
+        # the reconciler reads the engine as an administrator and marks the
+        # host's records complete: until then tenants get "retry" for
+        # references the records do not know
+        rec = self.daemons[f"reconciler-{host.suffix}"]
+        self._daemon(rec, restart=changed and live_pid(rec.pidfile) is not None)
         scoper = self.daemons.get(_scoper.component(host))
         if scoper is None:
             return  # not installed (run() said so)

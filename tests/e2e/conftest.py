@@ -59,8 +59,8 @@ class Stack:
             raise AssertionError(f"fdcs-devstack {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
         return p
 
-    def up(self) -> None:
-        self.cmd("up")
+    def up(self, hosts: int = 2) -> None:
+        self.cmd("up", "--hosts", str(hosts))
         self.env = read_env(self.dir / "env")
 
     def status(self) -> dict[str, dict[str, str]]:

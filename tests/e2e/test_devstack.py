@@ -35,7 +35,7 @@ ENV_KEYS = [
     "FDCS_ADMIN_KEY_FILE", "FDCS_CONF",
 ]
 SCOPER = _scoper.command() is not None
-HOST_PARTS = ["engine", "authz"] + (["scoper"] if SCOPER else [])
+HOST_PARTS = ["engine", "authz", "reconciler"] + (["scoper"] if SCOPER else [])
 NAMES = ["redis", "keystone"] + [f"{part}-h{k}" for k in (1, 2) for part in HOST_PARTS]
 needs_scoper = pytest.mark.skipif(not SCOPER, reason="fdcs-name-scoper is not installed")
 LINE = re.compile(r"^(\S+) (up|down) pid=(\d+|-) addr=(\S+)$")
@@ -151,7 +151,7 @@ def test_second_up_changes_nothing(ds):
     assert took < 5
 
 
-@pytest.mark.parametrize("victim", ["redis", "keystone", "authz-h2", "engine-h1",
+@pytest.mark.parametrize("victim", ["redis", "keystone", "authz-h2", "engine-h1", "reconciler-h2",
                                     pytest.param("scoper-h1", marks=needs_scoper)])
 def test_up_restarts_just_the_killed_component(ds, victim):
     env = ds.env()

@@ -310,11 +310,28 @@ def test_redis_down_refuses_tenants_and_recovers(stack, ta, web):
     alice.fails("inspect", cid, match="ownership store unavailable")
     admin("inspect", cid)  # administrators never need Redis
     stack.cmd("up")
-    # Redis came back empty: records are rebuilt by the reconciler (issue 4); until
-    # then the id is unknown and refused -- never allowed.
-    wait_for(lambda: alice("info", check=False).returncode == 0, what="tenant requests accepted again")
-    assert alice("inspect", cid, check=False).returncode != 0
-    assert alice("inspect", name, check=False).returncode == 0  # scoped names need no record
+    # Redis came back empty; `up` returns once each host's reconciler has
+    # rebuilt its records from the labels
+    assert alice("inspect", "-f", "{{.Id}}", cid[:12]).stdout.strip() == cid
+    assert alice("inspect", "-f", "{{.Id}}", name).stdout.strip() == cid
+    stack.cli(B1).fails("inspect", cid[:12], match="No such container")
+
+
+def test_unknown_references_are_retried_not_missing_while_records_are_rebuilt(stack, ta, web, rds):
+    name, cid = web
+    alice, bob = stack.cli(A1), stack.cli(B1)
+    rec = stack.pid("reconciler-h1")
+    os.kill(rec, signal.SIGSTOP)  # hold the rebuild back so that the window can be seen
+    try:
+        rds.flushall()  # the ownership store lost its data
+        alice.fails("inspect", cid[:12], match="retry")
+        bob.fails("inspect", cid[:12], match="retry")  # never "allowed", never "no such"
+        assert alice("inspect", "-f", "{{.Id}}", name).stdout.strip() == cid  # scoped names need no record
+    finally:
+        os.kill(rec, signal.SIGCONT)
+    wait_for(lambda: alice("inspect", cid[:12], check=False).returncode == 0, timeout=30,
+             what="the reconciler to rebuild the records")
+    bob.fails("inspect", cid[:12], match="No such container")
 
 
 def test_keystone_down_keeps_cached_tokens_and_refuses_others(stack, ta):

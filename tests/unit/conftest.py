@@ -48,14 +48,29 @@ class FakeIdentityService:
 
 def cfg(**overrides):
     base = {"keystone.url": "http://127.0.0.1:1/v3", "keystone.admin_project_id": "admin-project",
-            "redis.url": "redis://127.0.0.1:1/0"}
+            "redis.url": "redis://127.0.0.1:1/0", "host.id": "h1"}
     base.update(overrides)
     return load(None, env={}, overrides=base)
 
 
 @pytest.fixture
-def store():
-    return Store(fakeredis.FakeRedis(decode_responses=True))
+def redis_server():
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def store(redis_server):
+    """Host h1's view, with its records complete (as after a reconcile)."""
+    s = Store(fakeredis.FakeRedis(server=redis_server, decode_responses=True), host="h1")
+    s.mark_complete(0)
+    return s
+
+
+@pytest.fixture
+def store_h2(redis_server):
+    s = Store(fakeredis.FakeRedis(server=redis_server, decode_responses=True), host="h2")
+    s.mark_complete(0)
+    return s
 
 
 @pytest.fixture

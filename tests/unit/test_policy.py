@@ -81,7 +81,7 @@ def test_unsupported_endpoints(authz):
 def test_good_create_allowed_and_recorded(authz, store):
     create_container(authz, store, name=f"{TA}_web")
     assert store.owner("container", CID) == TA
-    assert store.r.hget("fdcs:names:container", f"{TA}_web") == CID
+    assert store.name_target("container", f"{TA}_web") == CID
 
 
 @pytest.mark.parametrize("hc,match", [
@@ -302,11 +302,11 @@ def test_exec_ownership_recorded_and_checked(authz, store):
 def test_remove_and_rename_update_records(authz, store):
     create_container(authz, store, name=f"{TA}_web")
     authz.authz_response(payload("POST", f"{V}/containers/{CID[:8]}/rename?name={TA}_new", status=204, response={}))
-    assert store.r.hget("fdcs:names:container", f"{TA}_new") == CID
-    assert store.r.hget("fdcs:names:container", f"{TA}_web") is None
+    assert store.name_target("container", f"{TA}_new") == CID
+    assert store.name_target("container", f"{TA}_web") is None
     authz.authz_response(payload("DELETE", f"{V}/containers/{TA}_new", status=204, response={}))
     assert store.owner("container", CID) is None
-    assert store.r.zcard("fdcs:ids:container") == 0
+    assert store.r.zcard(f"fdcs:ids:container:{store.host}") == 0
 
 
 def test_failed_create_is_not_recorded(authz, store):
@@ -430,3 +430,64 @@ def test_internal_error_denies(authz):
     authz.identity = None
     r = authz.authz_request(payload("GET", f"{V}/info"))
     assert not r["Allow"] and "internal error" in r["Msg"]
+
+
+# -- several hosts, state loss ------------------------------------------------------
+
+def test_container_names_are_unique_across_hosts(authz, store, store_h2):
+    from authz_plugin.policy import Authorizer
+    from .conftest import FakeIdentityService, cfg
+    authz2 = Authorizer(cfg(**{"host.id": "h2"}), FakeIdentityService(), store_h2)
+    create_container(authz, store, name=f"{TA}_web")
+    denied(authz2, "POST", f"{V}/containers/create?name={TA}_web", good(), match="in use on host h1")
+    allowed(authz2, "POST", f"{V}/containers/create?name={TA}_other", good())  # positive control
+    # removing it on h1 frees the name for h2
+    authz.authz_response(payload("DELETE", f"{V}/containers/{TA}_web", status=204, response={}))
+    allowed(authz2, "POST", f"{V}/containers/create?name={TA}_web", good())
+
+
+def test_a_name_being_created_is_reserved_and_released_on_failure(authz, store, store_h2):
+    from authz_plugin.policy import Authorizer
+    from .conftest import FakeIdentityService, cfg
+    authz2 = Authorizer(cfg(**{"host.id": "h2"}), FakeIdentityService(), store_h2)
+    uri = f"{V}/containers/create?name={TA}_race"
+    allowed(authz, "POST", uri, good())                      # h1 reserved it
+    denied(authz2, "POST", uri, good(), match="in use on host h1")  # h2 loses the race
+    authz.authz_response(payload("POST", uri, good(), status=None, response=None))  # the engine failed
+    allowed(authz2, "POST", uri, good())                     # released
+
+
+def test_per_host_names_option(store, store_h2):
+    from authz_plugin.policy import Authorizer
+    from .conftest import FakeIdentityService, cfg
+    a1 = Authorizer(cfg(**{"policy.container_names": "host"}), FakeIdentityService(), store)
+    a2 = Authorizer(cfg(**{"host.id": "h2", "policy.container_names": "host"}), FakeIdentityService(), store_h2)
+    create_container(a1, store, name=f"{TA}_web")
+    allowed(a2, "POST", f"{V}/containers/create?name={TA}_web", good())
+
+
+def test_records_are_per_host(authz, store, store_h2):
+    create_container(authz, store, name=f"{TA}_web")
+    assert store.records("container") == {CID: (TA, f"{TA}_web")}
+    assert store_h2.records("container") == {}
+    assert store_h2.name_target("container", f"{TA}_web") is None
+
+
+def test_unknown_references_are_retry_while_records_are_rebuilt(authz, store):
+    create_container(authz, store, name=f"{TA}_web")
+    store.r.flushall()  # Redis came back empty
+    denied(authz, "GET", f"{V}/containers/{CID[:12]}/json", match="retry")
+    denied(authz, "GET", f"{V}/containers/{CID[:12]}/json", token="tok-bob", match="retry")
+    allowed(authz, "GET", f"{V}/containers/{TA}_web/json")  # a scoped name needs no record
+    store.add("container", CID, TA, f"{TA}_web")
+    store.mark_complete(1)  # the reconciler finished
+    allowed(authz, "GET", f"{V}/containers/{CID[:12]}/json")
+    denied(authz, "GET", f"{V}/containers/{CID[:12]}/json", token="tok-bob", match="No such container")
+    denied(authz, "GET", f"{V}/containers/{'9' * 12}/json", match="No such container")
+
+
+def test_retire_host(store, store_h2, authz):
+    create_container(authz, store, name=f"{TA}_web")
+    store_h2.add("container", CID_B, TB, f"{TB}_x")
+    assert store.retire_host() == 1
+    assert store.owner("container", CID) is None and store.owner("container", CID_B) == TB

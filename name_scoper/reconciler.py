@@ -1,0 +1,237 @@
+"""``fdcs-reconciler``: keep this host's ownership records equal to its labels.
+
+    fdcs-reconciler [--config FILE] [--once] [--check]
+
+One per Docker host, in its own process and unit: it holds the break-glass
+administrator key (it must see every resource on its engine), which the
+process that parses tenants' traffic never holds.
+
+* It follows the engine's event stream and updates the records as
+  containers, execs, networks and volumes come and go (each event re-reads
+  the one resource it names and applies the rules of ``reconcile.py``).
+* Every ``reconciler.interval`` seconds, and at start, it reconciles fully:
+  reads every container, network and volume, computes the records their
+  labels imply, writes the difference, and marks this host complete in
+  Redis (``fdcs:reconciled``), which is what lets the plugin answer
+  "no such" rather than "retry" for a reference it does not know.  A full
+  pass also repairs what events cannot: a Redis that came back empty, events
+  missed while the reconciler was down.
+* Each pass logs one line with its counts: added, removed, execs added and
+  removed, conflicts, unowned.
+
+``--once`` runs one full pass, prints its counts as JSON and exits (used by
+``fdcs-manage reconcile`` and the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+from authz_plugin.config import DEFAULT_PATH, load
+from authz_plugin.errors import ConfigError, FdcsError, StoreUnavailable
+from authz_plugin.ownership import Store
+
+from . import reconcile
+
+log = logging.getLogger(__name__)
+
+
+def _admin_client(cfg):
+    import docker
+
+    path = cfg["reconciler.admin_key_file"] or cfg["keystone.admin_key_file"]
+    try:
+        st = os.stat(path)
+        if st.st_uid != 0 or st.st_mode & 0o077:
+            raise ConfigError(f"{path}: the admin key file must be owned by root with mode 0600")
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"the admin key file cannot be read: {e}") from e
+    client = docker.DockerClient(base_url=f"unix://{cfg['reconciler.engine_socket']}", version="1.41", timeout=60)
+    client.api.headers[cfg["keystone.admin_key_header"]] = key
+    return client
+
+
+class Reconciler:
+    def __init__(self, client, store: Store):
+        self.docker = client
+        self.store = store
+        self.lock = threading.Lock()  # one writer at a time: events vs full passes
+
+    # -- reading the engine ---------------------------------------------------
+
+    def _container(self, cid: str, image_labels: dict) -> dict | None:
+        import docker.errors
+        try:
+            c = self.docker.api.inspect_container(cid)
+        except docker.errors.NotFound:
+            return None
+        image = c.get("Image") or ""
+        if image not in image_labels:
+            try:
+                image_labels[image] = (self.docker.api.inspect_image(image).get("Config") or {}).get("Labels") or {}
+            except docker.errors.NotFound:
+                image_labels[image] = {}
+        return {"Id": c["Id"], "Name": (c.get("Name") or "").lstrip("/"),
+                "Labels": (c.get("Config") or {}).get("Labels") or {}, "ImageLabels": image_labels[image],
+                "ExecIDs": c.get("ExecIDs") or [],
+                "Volumes": [m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume" and m.get("Name")]}
+
+    def snapshot(self) -> reconcile.Snapshot:
+        snap = reconcile.Snapshot()
+        images: dict[str, dict] = {}
+        for c in self.docker.api.containers(all=True, quiet=True):
+            found = self._container(c["Id"], images)
+            if found:
+                snap.containers.append(found)
+        snap.networks = [{"Id": n["Id"], "Name": n["Name"], "Labels": n.get("Labels") or {}}
+                         for n in self.docker.api.networks()]
+        snap.volumes = [{"Name": v["Name"], "Labels": v.get("Labels") or {}}
+                        for v in (self.docker.api.volumes().get("Volumes") or [])]
+        return snap
+
+    # -- writing ------------------------------------------------------------------
+
+    def apply(self, act: reconcile.Actions) -> None:
+        for kind, id_, tenant, name in act.add:
+            self.store.add(kind, id_, tenant, name)
+        for kind, id_ in act.remove:
+            self.store.remove(kind, id_)
+        for eid, tenant, cid in act.add_execs:
+            self.store.add_exec(eid, tenant, cid)
+        for eid in act.remove_execs:
+            self.store.remove("exec", eid)
+
+    def full(self) -> dict:
+        """One full pass; returns its counts."""
+        t0 = time.monotonic()
+        with self.lock:
+            snap = self.snapshot()
+            want = reconcile.desired(snap)
+            have = {kind: self.store.records(kind) for kind in ("container", "network", "volume")}
+            act = reconcile.diff(want, have, self.store.execs())
+            self.apply(act)
+            self.store.mark_complete(time.time())
+        counts = {"host": self.store.host, "added": len(act.add), "removed": len(act.remove),
+                  "execs_added": len(act.add_execs), "execs_removed": len(act.remove_execs),
+                  "conflicts": len(want.conflicts), "unowned": len(want.unowned),
+                  "ms": int((time.monotonic() - t0) * 1000)}
+        for c in want.conflicts:
+            log.warning("conflict: %s", c)
+        if want.unowned:
+            log.info("unowned (administrators only): %s", ", ".join(sorted(want.unowned)[:20]))
+        log.info("reconcile %s", json.dumps(counts, separators=(",", ":")))
+        return counts
+
+    # -- events ---------------------------------------------------------------------
+
+    def on_event(self, ev: dict) -> None:
+        kind, action = ev.get("Type"), (ev.get("Action") or "").split(":")[0]
+        actor = ev.get("Actor") or {}
+        rid = actor.get("ID") or ""
+        with self.lock:
+            if kind == "container":
+                if action == "destroy":
+                    self.store.remove("container", rid)
+                elif action in ("create", "rename"):
+                    c = self._container(rid, {})
+                    if c:
+                        owner, _ = reconcile.container_owner(c)
+                        if owner:
+                            self.store.add("container", c["Id"], owner, c["Name"])
+                        else:
+                            self.store.remove("container", c["Id"])
+                elif action == "exec_create":
+                    owner = self.store.owner("container", rid)
+                    eid = (actor.get("Attributes") or {}).get("execID")
+                    if owner and eid:
+                        self.store.add_exec(eid, owner, rid)
+            elif kind == "network" and action in ("create", "destroy"):
+                if action == "destroy":
+                    self.store.remove("network", rid)
+                else:
+                    import docker.errors
+                    try:
+                        n = self.docker.api.inspect_network(rid)
+                    except docker.errors.NotFound:
+                        return
+                    owner = reconcile._tenant(n.get("Labels"))
+                    if owner:
+                        self.store.add("network", n["Id"], owner, n["Name"])
+            elif kind == "volume" and action in ("create", "destroy"):
+                if action == "destroy":
+                    self.store.remove("volume", rid)
+                # a created volume's owner may depend on the container that
+                # mounts it: the next full pass (or the plugin) records it
+
+    def follow(self, stop: threading.Event) -> None:
+        """Follow the event stream until ``stop``; reconnects after errors."""
+        while not stop.is_set():
+            try:
+                since = int(time.time()) - 1
+                for ev in self.docker.api.events(decode=True, since=since):
+                    if stop.is_set():
+                        return
+                    try:
+                        self.on_event(ev)
+                    except FdcsError as e:
+                        log.warning("event not applied (%s); the next full pass repairs it", e)
+            except Exception as e:  # the engine restarted, the stream broke
+                log.warning("event stream interrupted (%s); reconnecting", e.__class__.__name__)
+                stop.wait(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="fdcs-reconciler", description="keep FDCS ownership equal to the labels")
+    ap.add_argument("--config", default=os.environ.get("FDCS_CONFIG", DEFAULT_PATH))
+    ap.add_argument("--once", action="store_true", help="one full pass, print its counts as JSON, exit")
+    ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(args.config)
+        if args.check:
+            print(f"fdcs-reconciler: configuration {args.config} is valid")
+            return 0
+        client = _admin_client(cfg)
+    except ConfigError as e:
+        print(f"fdcs-reconciler: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, cfg["plugin.log_level"].upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    rec = Reconciler(client, Store.from_config(cfg))
+    if args.once:
+        try:
+            print(json.dumps(rec.full()))
+            return 0
+        except (FdcsError, OSError) as e:
+            print(f"fdcs-reconciler: {e}", file=sys.stderr)
+            return 1
+    stop = threading.Event()
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=rec.follow, args=(stop,), daemon=True, name="events").start()
+    interval = cfg["reconciler.interval"]
+    while not stop.is_set():
+        try:
+            rec.full()
+            wait = interval
+        except StoreUnavailable:
+            log.warning("ownership store unavailable; retrying the full pass in 2 s")
+            wait = 2
+        except Exception:
+            log.exception("full reconcile failed; retrying in 5 s")
+            wait = 5
+        stop.wait(wait)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
