@@ -46,20 +46,15 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import datetime
 import gc
 import json
-import math
 import os
-import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -71,7 +66,9 @@ from authz_plugin.devstack._state import Host, Layout
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from allow_all_plugin import Reader  # noqa: E402 -- benchmark code beside this file
+# benchmark code beside this file
+from _common import (Client, children, cpu_ns, interrupt_on_sigterm, log_size, machine,  # noqa: E402
+                     pct, progress, ratio, spy_path, spy_record, spy_tally)
 ALLOW_ALL = HERE / "allow_all_plugin.py"
 TENANT_LABEL = "org.fiware.fdcs.tenant"
 TARGET_P50_RATIO = 1.3
@@ -259,87 +256,6 @@ class Series:
         return sorted(x for r in self.rounds for x in r)
 
 
-def pct(sorted_ns: list[int], p: float) -> float:
-    """Nearest-rank percentile, in microseconds."""
-    if not sorted_ns:
-        return float("nan")
-    return sorted_ns[max(0, math.ceil(p / 100 * len(sorted_ns)) - 1)] / 1000
-
-
-class Client:
-    """``conc`` persistent keep-alive connections to one engine socket.
-
-    A minimal HTTP/1.1 client (a prebuilt request, :class:`Reader` for the
-    answer): ``http.client`` costs some 150 us per request here, on every
-    engine alike, which would flatten the ratios."""
-
-    def __init__(self, path: str, conc: int, headers: dict[str, str]):
-        self.socks = []
-        for _ in range(conc):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(60.0)
-            s.connect(path)
-            self.socks.append(s)
-        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-
-    def request(self, url: str) -> bytes:
-        return f"GET {url} HTTP/1.1\r\nHost: docker\r\n{self.headers}\r\n".encode()
-
-    @staticmethod
-    def _loop(sock: socket.socket, req: bytes, n: int, out: list[int], errors: list[str]) -> None:
-        pc = time.perf_counter_ns
-        r = Reader(sock)
-        send, head, body = sock.sendall, r.head, r.body
-        try:
-            for _ in range(n):
-                t0 = pc()
-                send(req)
-                status, headers = head()
-                data = body(headers)
-                t1 = pc()
-                if status[9:12] != b"200":
-                    errors.append(f"{req.split()[1].decode()}: {status.decode()} {data[:300]!r}")
-                    return
-                out.append(t1 - t0)
-        except Exception as e:  # noqa: BLE001 -- reported by the caller
-            errors.append(f"{req.split()[1].decode()}: {e!r}")
-
-    def batch(self, url: str, n: int) -> tuple[list[int], int]:
-        """``n`` requests spread over the connections; (latencies, wall ns)."""
-        req = self.request(url)
-        errors: list[str] = []
-        k = len(self.socks)
-        if k == 1:
-            out: list[int] = []
-            t0 = time.perf_counter_ns()
-            self._loop(self.socks[0], req, n, out, errors)
-            wall = time.perf_counter_ns() - t0
-        else:
-            outs: list[list[int]] = [[] for _ in range(k)]
-            barrier = threading.Barrier(k + 1)
-
-            def run(i: int) -> None:
-                barrier.wait()
-                self._loop(self.socks[i], req, n // k + (i < n % k), outs[i], errors)
-
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            t0 = time.perf_counter_ns()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter_ns() - t0
-            out = [x for o in outs for x in o]
-        if errors:
-            raise RuntimeError(f"request failed: {errors[0]}")
-        return out, wall
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close()
-
-
 def audit_us(log: Path, start: int, end: int) -> dict[str, list[int]]:
     """The plugin's request-hook decision times (audit ``us``) logged between
     two offsets of its log, by reference kind of ``/containers/REF/json``."""
@@ -360,43 +276,6 @@ def audit_us(log: Path, start: int, end: int) -> dict[str, list[int]]:
         parts = rec.get("path", "").split("/")
         if len(parts) == 4 and parts[1] == "containers" and parts[3] == "json" and rec.get("allow"):
             out["name" if "_" in parts[2] else "id"].append(int(rec.get("us", 0)))
-    return out
-
-
-def log_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-_TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ns(pids: list[int]) -> float:
-    """utime + stime of processes (all their threads, live and exited), in ns;
-    clock-tick resolution, unbiased once summed over many batches."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total * _TICK_NS
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
     return out
 
 
@@ -432,26 +311,6 @@ def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tup
 
 
 # -- report ------------------------------------------------------------------------
-
-
-def machine() -> list[str]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return [
-        f"date     {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"machine  {platform.node()}: nproc {len(os.sched_getaffinity(0))}, {cpu}, "
-        f"Linux {platform.release()}, Python {platform.python_version()}",
-    ]
-
-
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b > 0 else "-"
 
 
 def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]]], args, load: tuple) -> str:
@@ -522,8 +381,8 @@ def profile(b: Bench, seconds: float, rate: int) -> str:
     connection inspects the fdcs container, by name then by short id; report
     the heaviest functions as microseconds of GIL time per inspect (two
     plugin hooks)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not os.path.exists(spy):
+    spy = spy_path()
+    if spy is None:
         return "profile: py-spy is not installed (pip install py-spy)"
     authz = b.stack.pid("authz-h1")
     workers = children(authz) if authz else []
@@ -535,42 +394,19 @@ def profile(b: Bench, seconds: float, rate: int) -> str:
         url = f"/v1.41/containers/{b.name if ref == 'name' else b.ids['fdcs'][:12]}/json"
         client = Client(b.sockets["fdcs"], 1, b.headers)
         files = [b.tmp / f"spy-{ref}-{w}.txt" for w in workers]
-        procs = [b.cmds.popen("profile", [spy, "record", "--pid", str(w), "--rate", str(rate), "--duration",
-                                          str(int(seconds)), "--gil", "--format", "raw", "-o", str(f)])
-                 for w, f in zip(workers, files)]
-        try:
-            time.sleep(1.0)  # py-spy attaching
-            n, deadline = 0, time.monotonic() + seconds - 1.5
+
+        def load(deadline: float) -> int:
+            n = 0
             while time.monotonic() < deadline:
                 client.batch(url, 50)
                 n += 50
-            for p in procs:
-                p.wait(timeout=seconds + 30)
+            return n
+
+        try:
+            n = spy_record(b.cmds, spy, workers, files, rate, seconds, load)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
             client.close()
-        incl: dict[str, int] = {}
-        total = 0
-        for f in files:
-            try:
-                text = f.read_text()
-            except OSError:
-                continue
-            for line in text.splitlines():
-                stack, _, count = line.rpartition(" ")
-                if not count.isdigit():
-                    continue
-                k = int(count)
-                total += k
-                seen = set()
-                for frame in stack.split(";")[1:]:
-                    fn = frame.rsplit(":", 1)[0] + ")" if frame.endswith(")") and ":" in frame else frame
-                    if fn not in seen and not any(t in fn for t in _TRIVIAL):
-                        seen.add(fn)
-                        incl[fn] = incl.get(fn, 0) + k
+        total, incl, _ = spy_tally(files, _TRIVIAL)
         # an idle worker holds no GIL and yields no sample: all samples fall in the load
         per_req = 1e6 / rate / max(n, 1)
         out.append(f"  by {ref}: {n} requests, {total} samples, {total * per_req:.0f} us GIL time per request")
@@ -582,18 +418,7 @@ def profile(b: Bench, seconds: float, rate: int) -> str:
 
 # -- main ----------------------------------------------------------------------------
 
-
-def say(msg: str) -> None:
-    """Progress on stderr; never raises (a closed pipe, e.g. ``| tee`` killed
-    by the same Ctrl-C, must not cut the clean-up short)."""
-    try:
-        print(f"plugin_inspect: {msg}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
-def _terminated(_sig, _frm):
-    raise KeyboardInterrupt
+say = progress("plugin_inspect")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("must run as root (it starts dockerd in network namespaces)")
 
-    signal.signal(signal.SIGTERM, _terminated)
+    interrupt_on_sigterm()
     b = Bench(args)
     rc, problems = 0, []
     try:

@@ -266,7 +266,7 @@ def test_ownership_records_follow_creates_and_removals(stack, ta, rds):
     assert rds.hget("fdcs:own:volume", vol) == ta
     cid = alice("run", "-d", "--name", name, "--label", f"{T}={ta}", "--network", net, "--pids-limit", "50",
                 "-v", f"{vol}:/v", "busybox", "sleep", "600").stdout.strip()
-    assert rds.hget("fdcs:own:container", cid) == ta and rds.hget("fdcs:names:container", name) == cid
+    assert rds.hget("fdcs:own:container", cid) == ta and (rds.hget("fdcs:cname", name) or "").endswith(" " + cid)
     # exec: record on create; alice and carol may inspect it, bob may not
     status, out = stack.raw(A1).request("POST", f"/v1.41/containers/{cid}/exec", {"Cmd": ["true"]})
     assert status == 201, out
@@ -275,7 +275,7 @@ def test_ownership_records_follow_creates_and_removals(stack, ta, rds):
     assert stack.raw(A2).request("GET", f"/v1.41/exec/{eid}/json")[0] == 200
     assert stack.raw(B1).request("GET", f"/v1.41/exec/{eid}/json")[0] == 403
     alice("rm", "-f", name)
-    assert rds.hget("fdcs:own:container", cid) is None and rds.hget("fdcs:names:container", name) is None
+    assert rds.hget("fdcs:own:container", cid) is None and rds.hget("fdcs:cname", name) is None
     alice("network", "rm", net)
     assert rds.hget("fdcs:own:network", nid) is None
     alice("volume", "rm", vol)
