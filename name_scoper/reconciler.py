@@ -1,6 +1,6 @@
 """``fdcs-reconciler``: keep this host's ownership records equal to its labels.
 
-    fdcs-reconciler [--config FILE] [--once] [--check]
+    fdcs-reconciler [--config FILE] [--once] [--check] [--retire-host ID]
 
 One per Docker host, in its own process and unit: it holds the break-glass
 administrator key (it must see every resource on its engine), which the
@@ -19,8 +19,10 @@ process that parses tenants' traffic never holds.
 * Each pass logs one line with its counts: added, removed, execs added and
   removed, conflicts, unowned.
 
-``--once`` runs one full pass, prints its counts as JSON and exits (used by
-``fdcs-manage reconcile`` and the tests).
+``--once`` runs one full pass, prints its counts as JSON and exits (an
+operator's drift check; the tests use it).  ``--retire-host ID`` removes
+every record of a host that is gone for good and exits (run it anywhere
+with the shared configuration; it does not touch any engine).
 """
 
 from __future__ import annotations
@@ -193,11 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=os.environ.get("FDCS_CONFIG", DEFAULT_PATH))
     ap.add_argument("--once", action="store_true", help="one full pass, print its counts as JSON, exit")
     ap.add_argument("--check", action="store_true", help="validate the configuration and exit")
+    ap.add_argument("--retire-host", metavar="ID", help="remove every record of host ID (gone for good) and exit")
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)
         if args.check:
             print(f"fdcs-reconciler: configuration {args.config} is valid")
+            return 0
+        if args.retire_host:
+            cfg = load(args.config, overrides={"host.id": args.retire_host})
+            try:
+                n = Store.from_config(cfg).retire_host()
+            except FdcsError as e:
+                print(f"fdcs-reconciler: {e}", file=sys.stderr)
+                return 1
+            print(json.dumps({"host": args.retire_host, "records_removed": n}))
             return 0
         client = _admin_client(cfg)
     except ConfigError as e:
