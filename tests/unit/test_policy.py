@@ -491,3 +491,17 @@ def test_retire_host(store, store_h2, authz):
     store_h2.add("container", CID_B, TB, f"{TB}_x")
     assert store.retire_host() == 1
     assert store.owner("container", CID) is None and store.owner("container", CID_B) == TB
+
+
+def test_sentinel_configuration_gives_a_sentinel_managed_client():
+    import redis.sentinel
+    from authz_plugin.ownership import connect
+    from .conftest import cfg
+    client = connect(cfg(**{"redis.sentinels": ["127.0.0.1:26379", "127.0.0.2:26380"],
+                            "redis.service_name": "fdcs-main"}))
+    pool = client.connection_pool
+    assert isinstance(pool, redis.sentinel.SentinelConnectionPool)
+    assert pool.service_name == "fdcs-main"
+    assert [c.connection_pool.connection_kwargs["port"] for c in pool.sentinel_manager.sentinels] == [26379, 26380]
+    plain = connect(cfg())  # positive control: a URL gives a plain client
+    assert not isinstance(plain.connection_pool, redis.sentinel.SentinelConnectionPool)
