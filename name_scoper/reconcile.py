@@ -77,7 +77,9 @@ def container_owner(c: dict) -> tuple[str | None, str | None]:
         return None, None
     name = c.get("Name") or ""
     parts = unscope(name)
-    if parts and parts[0] != t:
+    # The engine's own names ("musing_fermat") unscope too; only a prefix
+    # shaped like the deployment's project ids can be another tenant's.
+    if parts and parts[0] != t and len(parts[0]) == len(t):
         return t, f"container {name}: its name is scoped for {parts[0]} but its label says {t}"
     return t, None
 

@@ -50,3 +50,9 @@ def test_drift_is_repaired_and_the_label_wins():
     assert ("network", "n1", TA, f"{TA}_bridge") in act.add
     assert act.remove_execs == ["e9"]  # e1 is still listed; ex belongs to another host's container
     assert act.add_execs == []
+
+
+def test_engine_generated_names_are_not_conflicts():
+    c = {"Id": C1, "Name": "musing_fermat", "Labels": {TENANT_LABEL: TA}, "ImageLabels": {}}
+    d = desired(Snapshot(containers=[c]))
+    assert d.conflicts == [] and d.records["container"] == {C1: (TA, "musing_fermat")}
