@@ -38,6 +38,25 @@ HOP_BY_HOP = frozenset({
 SUBREQUEST_HEADERS = (b"x-auth-token", b"x-auth-tenantid", b"x-request-id")
 
 
+async def read_capped(next_event, limit: int, broken) -> bytes | None:
+    """Collect one h11 message body: the bytes, or None when it is over
+    ``limit``; any other event raises ``broken()``."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        ev = await next_event()
+        kind = type(ev)
+        if kind is h11.Data:
+            size += len(ev.data)
+            if size > limit:
+                return None
+            parts.append(ev.data)
+        elif kind is h11.EndOfMessage:
+            return b"".join(parts)
+        else:
+            raise broken()
+
+
 class EngineUnavailable(Unavailable):
     """The engine's socket is missing, refuses, or the engine broke off."""
 
@@ -110,20 +129,7 @@ class Upstream:
 
     async def read_body(self, limit: int) -> bytes | None:
         """The whole response body, or None when it is over ``limit`` bytes."""
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            ev = await self.next_event()
-            kind = type(ev)
-            if kind is h11.Data:
-                size += len(ev.data)
-                if size > limit:
-                    return None
-                parts.append(ev.data)
-            elif kind is h11.EndOfMessage:
-                return b"".join(parts)
-            else:
-                raise EngineUnavailable()
+        return await read_capped(self.next_event, limit, EngineUnavailable)
 
     def buffered_body(self) -> bytes:
         """Body bytes h11 already holds after a close-delimited response head

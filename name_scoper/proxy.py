@@ -51,7 +51,7 @@ from authz_plugin.errors import FdcsError
 
 from ._raw import splice
 from ._streams import RawStream, StreamClosed, TLSStream
-from ._upstream import (MAX_HEAD, MSG_ENGINE_UNAVAILABLE, EngineClient, EngineUnavailable,
+from ._upstream import (MAX_HEAD, MSG_ENGINE_UNAVAILABLE, EngineClient, EngineUnavailable, read_capped,
                         Upstream, end_to_end)
 from .exchange import MAX_JSON, MAX_RESPONSE_JSON, Engine, Exchange, Headers
 
@@ -531,20 +531,8 @@ class _Client:
             self.send(h11.InformationalResponse(status_code=100, headers=[]))
 
     async def _read_capped(self, limit: int) -> bytes | None:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            ev = await self.next_event()
-            kind = type(ev)
-            if kind is h11.Data:
-                size += len(ev.data)
-                if size > limit:
-                    return None
-                parts.append(ev.data)
-            elif kind is h11.EndOfMessage:
-                return b"".join(parts)
-            else:
-                raise StreamClosed("the client closed during the request body")
+        return await read_capped(self.next_event, limit,
+                                 lambda: StreamClosed("the client closed during the request body"))
 
     # -- answers --------------------------------------------------------------------------
 

@@ -402,29 +402,37 @@ def prune_result(body: bytes, scope: Scope) -> bytes:
 _EVENT_NAME_ATTRS = ("name", "container", "network", "volume", "destination")
 
 
-def event_line(line: bytes, scope: Scope) -> bytes | None:
-    """One event: dropped unless it is the caller's; names unscoped."""
+def _json_line(line: bytes, rewrite_doc: Callable[[dict], bool]) -> bytes | None:
+    """One line of a JSON-lines stream through ``rewrite_doc`` (which edits
+    the document in place and says whether to keep it); blank lines pass,
+    unreadable ones are dropped."""
     if not line.strip():
         return line
     try:
-        ev = json.loads(line)
+        doc = json.loads(line)
     except ValueError:
         return None
+    if not isinstance(doc, dict) or not rewrite_doc(doc):
+        return None
+    return _dump(doc) + b"\n"
+
+
+def event_line(line: bytes, scope: Scope) -> bytes | None:
+    """One event: dropped unless it is the caller's; names unscoped."""
+    return _json_line(line, lambda ev: _event(ev, scope))
+
+
+def _event(ev: dict, scope: Scope) -> bool:
     actor = ev.get("Actor") or {}
     attrs = actor.get("Attributes") or {}
     if attrs.get(TENANT_LABEL) not in (None, scope.tenant):
-        return None
-    if attrs.get(TENANT_LABEL) is None:
-        # no label (network, volume events): only if its name is the caller's
-        name = attrs.get("name", "")
-        if not scope.owns_name(name):
-            return None
+        return False
+    if attrs.get(TENANT_LABEL) is None and not scope.owns_name(attrs.get("name", "")):
+        return False  # no label (network, volume events): only if its name is the caller's
     for key in _EVENT_NAME_ATTRS:
         if isinstance(attrs.get(key), str):
             attrs[key] = scope.out(attrs[key])
-    if isinstance(ev.get("from"), str):
-        pass  # an image reference
-    return _dump(ev) + b"\n"
+    return True
 
 
 _NOT_OWNED = re.compile(
@@ -456,15 +464,11 @@ def error(status: int, body: bytes, scope: Scope, not_owned_status: int = 404) -
 
 def stats_line(line: bytes, scope: Scope) -> bytes | None:
     """One stats document: the container's name unscoped."""
-    if not line.strip():
-        return line
-    try:
-        doc = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(doc, dict) and isinstance(doc.get("name"), str):
-        doc["name"] = scope.out_path(doc["name"])
-    return _dump(doc) + b"\n"
+    def name(doc: dict) -> bool:
+        if isinstance(doc.get("name"), str):
+            doc["name"] = scope.out_path(doc["name"])
+        return True
+    return _json_line(line, name)
 
 
 def registry_auth_has_credentials(value: str) -> bool:
