@@ -115,10 +115,13 @@ class Reconciler:
         """One full pass; returns its counts."""
         t0 = time.monotonic()
         with self.lock:
-            snap = self.snapshot()
-            want = reconcile.desired(snap)
+            # Records first, engine second: a resource created while the pass
+            # runs is then on the engine side (added, as the plugin did) and
+            # never read as a record the engine lacks (which would remove it).
             have = {kind: self.store.records(kind) for kind in ("container", "network", "volume")}
-            act = reconcile.diff(want, have, self.store.execs())
+            have_execs = self.store.execs()
+            want = reconcile.desired(self.snapshot())
+            act = reconcile.diff(want, have, have_execs)
             self.apply(act)
             self.store.mark_complete(time.time())
         counts = {"host": self.store.host, "added": len(act.add), "removed": len(act.remove),

@@ -56,3 +56,50 @@ def test_engine_generated_names_are_not_conflicts():
     c = {"Id": C1, "Name": "musing_fermat", "Labels": {TENANT_LABEL: TA}, "ImageLabels": {}}
     d = desired(Snapshot(containers=[c]))
     assert d.conflicts == [] and d.records["container"] == {C1: (TA, "musing_fermat")}
+
+
+class _FakeAPI:
+    """Enough of docker-py's APIClient for Reconciler.full()."""
+
+    def __init__(self, containers, after_list=None):
+        self._containers = {c["Id"]: c for c in containers}
+        self.after_list = after_list
+
+    def containers(self, all=True, quiet=True):
+        return [{"Id": i} for i in self._containers]
+
+    def inspect_container(self, cid):
+        c = self._containers[cid]
+        return {"Id": cid, "Name": "/" + c["Name"], "Image": "img", "Config": {"Labels": c["Labels"]},
+                "ExecIDs": None, "Mounts": []}
+
+    def inspect_image(self, image):
+        return {"Config": {"Labels": None}}
+
+    def networks(self):
+        return []
+
+    def volumes(self):
+        if self.after_list:
+            self.after_list()  # something happens after the pass listed the containers
+        return {"Volumes": []}
+
+
+def test_a_full_pass_never_removes_a_record_made_while_it_runs():
+    import fakeredis
+    from types import SimpleNamespace
+    from authz_plugin.ownership import Store
+    from name_scoper.reconciler import Reconciler
+
+    store = Store(fakeredis.FakeRedis(decode_responses=True), host="h1")
+    new = {"Id": C2, "Name": f"{TA}_new", "Labels": {TENANT_LABEL: TA}}
+    # a container is created (and recorded by the plugin) after the pass
+    # listed the engine's containers
+    api = _FakeAPI([], after_list=lambda: store.add("container", C2, TA, f"{TA}_new"))
+    counts = Reconciler(SimpleNamespace(api=api), store).full()
+    assert store.owner("container", C2) == TA
+    assert counts["removed"] == 0
+    # positive control: a record whose container is gone is removed
+    store.add("container", C3, TA, f"{TA}_gone")
+    counts = Reconciler(SimpleNamespace(api=_FakeAPI([new])), store).full()
+    assert counts["removed"] == 1 and store.owner("container", C3) is None
