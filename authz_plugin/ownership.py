@@ -19,6 +19,8 @@ key                               type    content
                                           cluster-wide container names
 ``fdcs:resv:<scoped name>``       string  ``<host>``: a container name being
                                           created or renamed to, expires in 120 s
+``fdcs:resvn:<scoped name>``      string  how many of that host's requests are
+                                          in flight for the name
 ``fdcs:exec:<id>``                string  ``<tenant> <container id>``, expires
                                           after ``redis.exec_ttl`` seconds
 ``fdcs:reconciled``               hash    host -> time of its last complete
@@ -113,7 +115,7 @@ if kind ~= 'volume' then
     redis.call('HSET', 'fdcs:nameof:' .. kind, id, name)
     if kind == 'container' then
       redis.call('HSET', 'fdcs:cname', name, host .. ' ' .. id)
-      redis.call('DEL', 'fdcs:resv:' .. name)
+      redis.call('DEL', 'fdcs:resv:' .. name, 'fdcs:resvn:' .. name)
     end
   end
 end
@@ -152,13 +154,16 @@ redis.call('HSET', names, new, id)
 redis.call('HSET', 'fdcs:nameof:' .. kind, id, new)
 if kind == 'container' then
   redis.call('HSET', 'fdcs:cname', new, host .. ' ' .. id)
-  redis.call('DEL', 'fdcs:resv:' .. new)
+  redis.call('DEL', 'fdcs:resv:' .. new, 'fdcs:resvn:' .. new)
 end
 return 1
 """
 
 # Reserve a cluster-wide container name for a create or rename on ``host``:
 # refused when another host holds the name or is creating it right now.
+# Several requests of one host may be in flight for one name (the engine
+# lets one win and answers the others 409): ``fdcs:resvn:`` counts them, and
+# the reservation ends when the last one fails or one of them succeeds.
 _RESERVE = """
 local name, host, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local held = redis.call('HGET', 'fdcs:cname', name)
@@ -167,19 +172,21 @@ if held then
   if h ~= host then return {'held', h} end
   return {'ok', host}
 end
-local ok = redis.call('SET', 'fdcs:resv:' .. name, host, 'NX', 'EX', ttl)
-if ok then return {'ok', host} end
 local by = redis.call('GET', 'fdcs:resv:' .. name)
-if by == host then
-  redis.call('EXPIRE', 'fdcs:resv:' .. name, ttl)
-  return {'ok', host}
-end
-return {'reserved', by or '?'}
+if by and by ~= host then return {'reserved', by} end
+redis.call('SET', 'fdcs:resv:' .. name, host, 'EX', ttl)
+redis.call('INCR', 'fdcs:resvn:' .. name)
+redis.call('EXPIRE', 'fdcs:resvn:' .. name, ttl)
+return {'ok', host}
 """
 
 _RELEASE = """
-if redis.call('GET', 'fdcs:resv:' .. ARGV[1]) == ARGV[2] then return redis.call('DEL', 'fdcs:resv:' .. ARGV[1]) end
-return 0
+local name, host = ARGV[1], ARGV[2]
+if redis.call('GET', 'fdcs:resv:' .. name) ~= host then return 0 end
+if redis.call('DECR', 'fdcs:resvn:' .. name) <= 0 then
+  redis.call('DEL', 'fdcs:resv:' .. name, 'fdcs:resvn:' .. name)
+end
+return 1
 """
 
 

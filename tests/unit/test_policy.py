@@ -505,3 +505,26 @@ def test_sentinel_configuration_gives_a_sentinel_managed_client():
     assert [c.connection_pool.connection_kwargs["port"] for c in pool.sentinel_manager.sentinels] == [26379, 26380]
     plain = connect(cfg())  # positive control: a URL gives a plain client
     assert not isinstance(plain.connection_pool, redis.sentinel.SentinelConnectionPool)
+
+
+def test_a_failed_duplicate_on_the_same_host_keeps_the_reservation(authz, store, store_h2):
+    """Seen in CI: two creates of one name on host 2 and one on host 1 at
+    once; host 2's loser (a 409 from its engine) released the reservation
+    its sibling still needed, and host 1's create won as well."""
+    from authz_plugin.policy import Authorizer
+    from .conftest import FakeIdentityService, cfg
+    authz2 = Authorizer(cfg(**{"host.id": "h2"}), FakeIdentityService(), store_h2)
+    uri = f"{V}/containers/create?name={TA}_dup"
+    allowed(authz2, "POST", uri, good())   # h2, request A
+    allowed(authz2, "POST", uri, good())   # h2, request B (the engine will answer one of them 409)
+    authz2.authz_response(payload("POST", uri, good(), status=None, response=None))  # B failed
+    denied(authz, "POST", uri, good(), match="in use on host h2")  # A still holds it against h1
+    authz2.authz_response(payload("POST", uri, good(), status=201, response={"Id": CID_B, "Warnings": []}))
+    denied(authz, "POST", uri, good(), match="in use on host h2")  # now held by the record
+    # positive control: when every request of h2 failed, the name is free
+    uri2 = f"{V}/containers/create?name={TA}_free"
+    allowed(authz2, "POST", uri2, good())
+    allowed(authz2, "POST", uri2, good())
+    authz2.authz_response(payload("POST", uri2, good(), status=None, response=None))
+    authz2.authz_response(payload("POST", uri2, good(), status=None, response=None))
+    allowed(authz, "POST", uri2, good())
