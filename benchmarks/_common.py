@@ -337,3 +337,36 @@ def _terminated(_sig, _frm):
 def interrupt_on_sigterm() -> None:
     """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: one clean-up path."""
     signal.signal(signal.SIGTERM, _terminated)
+
+
+def run_bench(b, work: Callable[[], None], say: Callable[[str], None]) -> int:
+    """Run ``work`` with ``b`` (a benchmark with ``keep_logs()`` and
+    ``cleanup() -> problems``) and always clean up, also on Ctrl-C or TERM;
+    the exit code: 0, 1 on a failure or a clean-up problem, 130 when
+    interrupted."""
+    interrupt_on_sigterm()
+    rc, problems = 0, []
+    try:
+        work()
+    except KeyboardInterrupt:
+        rc = 130
+    except Exception as e:  # noqa: BLE001 -- report, clean up, fail
+        rc = 1
+        say(f"failed: {e}")
+        try:
+            say(f"logs kept in {b.keep_logs()}")
+        except Exception:  # noqa: BLE001
+            pass
+    finally:
+        # a second Ctrl-C (or a TERM) must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if rc == 130:
+            say("interrupted")
+        say("cleaning up")
+        problems = b.cleanup()
+    for p in problems:
+        say(f"clean-up: {p}")
+    if problems and rc == 0:
+        rc = 1
+    return rc

@@ -51,7 +51,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -67,7 +66,7 @@ from authz_plugin.devstack._state import Host, Layout
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmark code beside this file
-from _common import (Client, children, cpu_ns, interrupt_on_sigterm, log_size, machine,  # noqa: E402
+from _common import (Client, children, cpu_ns, log_size, machine, run_bench,  # noqa: E402
                      pct, progress, ratio, spy_path, spy_record, spy_tally)
 ALLOW_ALL = HERE / "allow_all_plugin.py"
 TENANT_LABEL = "org.fiware.fdcs.tenant"
@@ -443,10 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("must run as root (it starts dockerd in network namespaces)")
 
-    interrupt_on_sigterm()
     b = Bench(args)
-    rc, problems = 0, []
-    try:
+
+    def work() -> None:
         b.start()
         load0 = os.getloadavg()[0]
         results = []
@@ -458,28 +456,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile > 0:
             say(f"profiling the FDCS plugin for {2 * max(args.profile, 3.0):.0f} s")
             print("\n" + profile(b, max(args.profile, 3.0), args.profile_rate), flush=True)
-    except KeyboardInterrupt:
-        rc = 130
-    except Exception as e:  # noqa: BLE001 -- report, clean up, fail
-        rc = 1
-        say(f"failed: {e}")
-        try:
-            say(f"logs kept in {b.keep_logs()}")
-        except Exception:  # noqa: BLE001
-            pass
-    finally:
-        # a second Ctrl-C (or a TERM) must not cut the clean-up short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if rc == 130:
-            say("interrupted")
-        say("cleaning up")
-        problems = b.cleanup()
-    for p in problems:
-        say(f"clean-up: {p}")
-    if problems and rc == 0:
-        rc = 1
-    return rc
+
+    return run_bench(b, work, say)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,8 @@ import gc
 import hashlib
 import json
 import os
-import secrets
 import shlex
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -84,7 +82,7 @@ from authz_plugin.devstack._procs import Commands, free_ports, live_pid, termina
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmark code beside this file
-from _common import (Client, Reader, children, cpu_ns, interrupt_on_sigterm, machine, pct,  # noqa: E402
+from _common import (Client, Reader, children, cpu_ns, machine, pct, run_bench,  # noqa: E402
                      progress, ratio, round_ratio, rss_kib, spy_function, spy_path, spy_record, spy_stacks,
                      spy_tally, tls_connector, unix_connector)
 
@@ -730,10 +728,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("must run as root (the stack starts dockerd in a network namespace)")
 
-    interrupt_on_sigterm()
     b = Bench(args)
-    rc, problems = 0, []
-    try:
+
+    def work() -> None:
         b.start()
         b.rss_start = rss_kib(b.scoper_pid)
         load0 = os.getloadavg()[0]
@@ -751,28 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         if missed and args.profile > 0:
             say(f"profiling the scoper for {max(args.profile, 3.0):.0f} s")
             print("\n" + profile(b, max(args.profile, 3.0), args.profile_rate), flush=True)
-    except KeyboardInterrupt:
-        rc = 130
-    except Exception as e:  # noqa: BLE001 -- report, clean up, fail
-        rc = 1
-        say(f"failed: {e}")
-        try:
-            say(f"logs kept in {b.keep_logs()}")
-        except Exception:  # noqa: BLE001
-            pass
-    finally:
-        # a second Ctrl-C (or a TERM) must not cut the clean-up short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if rc == 130:
-            say("interrupted")
-        say("cleaning up")
-        problems = b.cleanup()
-    for p in problems:
-        say(f"clean-up: {p}")
-    if problems and rc == 0:
-        rc = 1
-    return rc
+
+    return run_bench(b, work, say)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import socket
 import ssl
 from typing import Callable
 
+import h11
+
 #: largest piece ``TLSStream.recv`` assembles before returning
 RECV_SIZE = 64 * 1024
 #: unread bytes buffered before the transport stops reading the socket
@@ -352,3 +354,13 @@ async def open_unix(path: str, timeout: float) -> RawStream:
     async with asyncio.timeout(timeout):
         _, proto = await loop.create_unix_connection(RawStream, path)
     return proto
+
+
+async def h11_next(conn, stream):
+    """The next h11 event of ``conn``, reading ``stream`` as h11 needs more."""
+    while True:
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA:
+            conn.receive_data(await stream.recv())
+            continue
+        return ev

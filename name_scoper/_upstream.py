@@ -18,7 +18,7 @@ import h11
 
 from authz_plugin.errors import Unavailable
 
-from ._streams import RawStream, StreamClosed, open_unix
+from ._streams import RawStream, StreamClosed, h11_next, open_unix
 from .exchange import MAX_RESPONSE_JSON, Headers
 
 #: the largest request or response head accepted (headers included)
@@ -102,14 +102,8 @@ class Upstream:
     async def next_event(self):
         """The next h11 event from the engine; :class:`EngineUnavailable`
         when the engine breaks the protocol or the connection."""
-        conn = self.h11
         try:
-            while True:
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    conn.receive_data(await self.stream.recv())
-                    continue
-                return ev
+            return await h11_next(self.h11, self.stream)
         except (h11.RemoteProtocolError, StreamClosed) as e:
             raise EngineUnavailable() from e
 

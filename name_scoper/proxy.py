@@ -50,7 +50,7 @@ import h11
 from authz_plugin.errors import FdcsError
 
 from ._raw import splice
-from ._streams import RawStream, StreamClosed, TLSStream
+from ._streams import RawStream, StreamClosed, TLSStream, h11_next
 from ._upstream import (MAX_HEAD, MSG_ENGINE_UNAVAILABLE, EngineClient, EngineUnavailable, read_capped,
                         Upstream, end_to_end)
 from .exchange import MAX_JSON, MAX_RESPONSE_JSON, Engine, Exchange, Headers
@@ -203,13 +203,7 @@ class _Client:
             self.stream.write(data)
 
     async def next_event(self):
-        conn = self.h11
-        while True:
-            ev = conn.next_event()
-            if ev is h11.NEED_DATA:
-                conn.receive_data(await self.stream.recv())
-                continue
-            return ev
+        return await h11_next(self.h11, self.stream)
 
     def _went_away(self) -> None:
         # the client's FIN while nobody reads: it gave up on this request

@@ -86,7 +86,7 @@ def handlers_context(cfg: Config):
         if e.name != f"{__package__}.handlers":
             raise
         return prepare, cfg
-    from authz_plugin.ownership import Store, connect
+    from authz_plugin.ownership import Store
 
     return prepare, handlers.Context(cfg, Store.from_config(cfg))
 
