@@ -9,16 +9,22 @@
 
 A payload that is not a JSON object is denied (never a 500 that the engine
 might retry into an allow: the engine treats a plugin error as a refusal,
-but an explicit deny carries a message).
+but an explicit deny carries a message).  An *empty* payload is the engine
+retrying a call whose connection broke (a worker was killed, the plugin
+restarted): moby's plugin client re-sends the request with its body buffer
+already drained (``pkg/plugins/client.go``, ``callWithRetry``), so the deny
+says that, and what the tenant should do (:func:`unreadable`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 
 from flask import Flask, Response, request
 
+from . import metrics
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -28,6 +34,23 @@ MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
 
 def _reply(obj) -> Response:
     return Response(json.dumps(obj), status=200, mimetype=MEDIA_TYPE)
+
+
+#: deny messages for an empty payload (see the module docstring), per hook
+MSG_RETRIED = {
+    "request": "the authorization plugin restarted while checking this request; retry",
+    "response": "the authorization plugin restarted while this request was being answered; it may have been "
+                "carried out (what it created is adopted from its labels within seconds): check, then retry",
+}
+
+
+def unreadable(hook: str, empty: bool) -> str:
+    """The deny message for a ``hook`` ("request" or "response") payload
+    that is not a JSON object; ``empty``: the engine sent no body at all."""
+    if empty:
+        log.warning("empty AuthZ %s payload (the engine retried a call cut off by a plugin restart): denied", hook)
+        return MSG_RETRIED[hook]
+    return f"the authorization {hook} could not be read"
 
 
 def build_authorizer(cfg: Config):
@@ -42,6 +65,9 @@ def build_authorizer(cfg: Config):
 def create_app(cfg: Config, authorizer=None) -> Flask:
     app = Flask(__name__)
     app.config["FDCS"] = cfg
+    # in each gunicorn worker: its counters (files, under the master's
+    # PROMETHEUS_MULTIPROC_DIR) exist, at zero, from the start
+    metrics.activate("plugin")
     state = {"authz": authorizer}
 
     def authz():
@@ -64,16 +90,20 @@ def create_app(cfg: Config, authorizer=None) -> Flask:
 
     @app.post("/AuthZPlugin.AuthZReq")
     def authz_req():
+        t0 = time.perf_counter()
         p = payload()
         if p is None:
-            return _reply({"Allow": False, "Msg": "the authorization request could not be read"})
+            metrics.decision("request", False, "bad-request", time.perf_counter() - t0)
+            return _reply({"Allow": False, "Msg": unreadable("request", not request.content_length)})
         return _reply(authz().authz_request(p))
 
     @app.post("/AuthZPlugin.AuthZRes")
     def authz_res():
+        t0 = time.perf_counter()
         p = payload()
         if p is None:
-            return _reply({"Allow": False, "Msg": "the authorization response could not be read"})
+            metrics.decision("response", False, "bad-request", time.perf_counter() - t0)
+            return _reply({"Allow": False, "Msg": unreadable("response", not request.content_length)})
         return _reply(authz().authz_response(p))
 
     return app

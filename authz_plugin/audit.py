@@ -9,7 +9,8 @@ authentication, role, unsupported, bad-request, redis-unavailable, ...),
 ``msg`` (the refusal as the tenant sees it) and ``us`` (microseconds spent).
 
 Never a token, a password or a body: the line is built only from the fields
-above.
+above.  Each decision also counts in the metrics (``metrics.decision``:
+``fdcs_authz_decisions_total{hook,result,reason}`` and the hook latency).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ import logging
 import time
 from typing import Any, Mapping
 
+from . import metrics
+
 log = logging.getLogger("fdcs.audit")
 
 
 def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str, str], resource: str,
           result: Mapping[str, Any], reason: str, t0: float) -> None:
+    # the metrics count every decision, whatever the log level
+    metrics.decision(hook, bool(result.get("Allow")), reason, time.perf_counter() - t0)
     if not log.isEnabledFor(logging.INFO):
         return
     line = {

@@ -114,6 +114,18 @@ def _port_range(v: Any) -> tuple[int, int]:
     return lo, hi
 
 
+def _metrics_listen(v: Any) -> str:
+    """``HOST:PORT`` of a metrics listener, or "" (none); the host is required."""
+    s = _str(v).strip()
+    host, sep, port = s.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if s and (not sep or not host or any(c in host for c in "[]/ ") or not port.isdigit()
+              or not 0 < int(port) < 65536):
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9464 (empty: no metrics listener), got {s!r}")
+    return s
+
+
 def _url(v: Any) -> str:
     s = _str(v)
     if s and not re.match(r"^(https?|redis|rediss|unix)://", s):
@@ -182,6 +194,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("reconciler", "engine_socket", _str, "/run/docker.sock", "the engine's unix socket the reconciler reads"),
     Option("reconciler", "interval", _float, 60.0, "seconds between full reconciles (also the bound on rebuilding after a Redis loss)"),
     Option("reconciler", "admin_key_file", _str, "", "break-glass key the reconciler uses (empty: keystone.admin_key_file)"),
+    # -- monitoring (Prometheus text exposition over plain HTTP; keep it off the tenants' networks) --
+    Option("plugin", "metrics_listen", _metrics_listen, "127.0.0.1:9464", "HOST:PORT where the plugin's gunicorn master serves /metrics (empty: none)"),
+    Option("scoper", "metrics_listen", _metrics_listen, "127.0.0.1:9465", "HOST:PORT where the name scoper serves /metrics (empty: none; never the tenants' port)"),
+    Option("reconciler", "metrics_listen", _metrics_listen, "127.0.0.1:9466", "HOST:PORT where the reconciler serves /metrics (empty: none)"),
     # -- policy ---------------------------------------------------------------
     Option("policy", "min_api_version", _str, "1.40", "oldest Docker API version accepted"),
     Option("policy", "max_api_version", _str, "1.41", "newest Docker API version accepted (the engine's own)"),
@@ -293,7 +309,10 @@ def reference() -> str:
     """The configuration reference (for README and ``fdcs-authz --help-config``)."""
     lines = []
     section = None
-    for o in OPTIONS:
+    # grouped by section in the order sections first appear: a section's
+    # options need not be contiguous in OPTIONS (sorted() is stable)
+    order = list(dict.fromkeys(o.section for o in OPTIONS))
+    for o in sorted(OPTIONS, key=lambda o: order.index(o.section)):
         if o.section != section:
             section = o.section
             lines.append(f"[{section}]")

@@ -8,6 +8,13 @@ connections alive between calls, on ``unix:<plugin.socket>`` with a
 root-only socket (umask 077).  Under systemd socket activation
 (``fdcs-authz.socket``) gunicorn takes the listening socket from
 ``LISTEN_FDS`` instead of binding.
+
+Metrics (``plugin.metrics_listen``, see ``metrics.py``): the workers count
+in prometheus_client's multiprocess mode, in a private directory made fresh
+here before anything imports prometheus_client; the master binds the
+metrics listener before gunicorn starts (a taken address fails the start),
+serves it from ``when_ready`` on, drops dead workers' gauges in
+``child_exit`` and removes the directory in ``on_exit``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _logging(cfg["plugin.log_level"])
 
+    from . import metrics
+
+    hooks = {}
+    listen = metrics.parse_listen(cfg["plugin.metrics_listen"])
+    if listen is not None:
+        mdir, owned = None, False
+        try:
+            mdir, owned = metrics.prepare_multiproc_dir(cfg["plugin.name"])
+            exporter = metrics.Exporter(listen, metrics.plugin_registry(cfg, mdir))
+        except OSError as e:
+            if mdir:
+                metrics.remove_multiproc_dir(mdir, owned)
+            print(f"fdcs-authz: cannot serve metrics on {cfg['plugin.metrics_listen']} "
+                  f"(plugin.metrics_listen): {e}", file=sys.stderr)
+            return 2
+
+        def on_exit(_arbiter):
+            exporter.close()
+            metrics.remove_multiproc_dir(mdir, owned)
+
+        hooks = {
+            "when_ready": lambda _arbiter: exporter.start(),
+            "child_exit": lambda _arbiter, worker: metrics.mark_process_dead(worker.pid),
+            "on_exit": on_exit,
+        }
+
     from gunicorn.app.base import BaseApplication
 
     from .app import create_app
@@ -70,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 "errorlog": "-",
                 "loglevel": cfg["plugin.log_level"],
                 "proc_name": f"fdcs-authz:{cfg['plugin.name']}",
+                **hooks,
             }
             for k, v in opts.items():
                 self.cfg.set(k, v)

@@ -43,10 +43,11 @@ import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import h11
 
+from authz_plugin import metrics
 from authz_plugin.errors import FdcsError
 
 from ._raw import splice
@@ -155,10 +156,42 @@ def _is_raw_stream(resp: h11.Response) -> bool:
     return ctype in _RAW_TYPES
 
 
-class _Record:
-    """What the access-log line says about one request."""
+class _AuthHeaders(Mapping[str, str]):
+    """A request's headers as the identity reads them.
 
-    __slots__ = ("t0", "rid", "method", "path", "peer", "tenant", "user", "status", "sent",
+    Lookups join a repeated header with ", " (as HTTP does), but ``items()``
+    yields every (name, value) pair as sent, repeats included: two
+    ``X-Auth-Token`` headers must reach the identity as two values, which it
+    refuses as such ("more than one X-Auth-Token header"), not as one joined
+    value it would call an invalid token ("run fdcs-login").
+    """
+
+    def __init__(self, headers: Headers):
+        self._pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
+        self._joined: dict[str, str] = {}
+        for k, v in self._pairs:
+            self._joined[k] = f"{self._joined[k]}, {v}" if k in self._joined else v
+
+    def __getitem__(self, key: str) -> str:
+        return self._joined[key]
+
+    def __iter__(self):
+        return iter(self._joined)
+
+    def __len__(self) -> int:
+        return len(self._joined)
+
+    def items(self):  # type: ignore[override]
+        return list(self._pairs)
+
+
+class _Record:
+    """What the access-log line (and the metrics) say about one request.
+
+    Setting ``status`` the first time stamps the answer's head (``t_head``):
+    the latency the metrics observe."""
+
+    __slots__ = ("t0", "rid", "method", "path", "peer", "tenant", "user", "_status", "t_head", "sent",
                  "received")
 
     def __init__(self, method: str, target: str, peer: str):
@@ -168,11 +201,25 @@ class _Record:
         self.path = target.split("?", 1)[0][:300]
         self.peer = peer
         self.tenant = self.user = ""
-        self.status = 0
+        self._status = 0
+        self.t_head: float | None = None
         self.sent = 0
         self.received = 0
 
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @status.setter
+    def status(self, value: int) -> None:
+        if value and self.t_head is None:
+            self.t_head = time.perf_counter()
+        self._status = value
+
     def log(self) -> None:
+        # 499: the client went away, no answer's head to time
+        head = self.t_head - self.t0 if self.t_head is not None and self._status != 499 else None
+        metrics.scoper_request(self.method, self.path, self._status, head, self.received, self.sent)
         if not ACCESS.isEnabledFor(logging.INFO):
             return
         line = {"rid": self.rid, "tenant": self.tenant, "user": self.user, "method": self.method,
@@ -346,10 +393,7 @@ class _Client:
         rid = rid or secrets.token_hex(8)
         rec.rid = rid
         headers.append((b"x-request-id", rid.encode()))
-        auth: dict[str, str] = {}
-        for name, value in headers:
-            k, v = name.decode("latin-1"), value.decode("latin-1")
-            auth[k] = f"{auth[k]}, {v}" if k in auth else v
+        auth = _AuthHeaders(headers)
 
         # -- who is asking --------------------------------------------------------------
         loop = asyncio.get_running_loop()
@@ -640,10 +684,11 @@ class _Client:
         rec.status = status
         await self.stream.drain()  # headers at once: wait, events and logs -f start here
         try:
-            if mode == "lines":
-                await self._relay_lines(rec, ex, up)
-            else:
-                await self._relay(rec, up)
+            with metrics.scoper_stream("lines" if mode == "lines" else "stream"):
+                if mode == "lines":
+                    await self._relay_lines(rec, ex, up)
+                else:
+                    await self._relay(rec, up)
         except EngineUnavailable as e:
             # the head is out; all that is left is to break the connection off
             LOG.warning("the engine broke off a response (request %s): %s", rec.rid, e.__cause__ or e)
@@ -726,7 +771,8 @@ class _Client:
         client_first = self.h11.trailing_data[0]
         engine_first = up.h11.trailing_data[0] if upgrade else up.buffered_body()
         try:
-            rec.received, rec.sent = await splice(self.stream, up.stream, client_first, engine_first)
+            with metrics.scoper_stream("hijack"):
+                rec.received, rec.sent = await splice(self.stream, up.stream, client_first, engine_first)
         except (StreamClosed, OSError) as e:
             LOG.info("hijacked stream broken off (request %s): %s", rec.rid, e)
             self.stream.abort()
@@ -815,6 +861,7 @@ class ScoperServer:
             self._clients[task] = None
 
     async def _connection(self, sock: socket.socket, peer: str) -> None:
+        metrics.scoper_connection()
         loop = asyncio.get_running_loop()
         stream = None
         task = asyncio.current_task()

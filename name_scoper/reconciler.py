@@ -18,6 +18,12 @@ process that parses tenants' traffic never holds.
   missed while the reconciler was down.
 * Each pass logs one line with its counts: added, removed, execs added and
   removed, conflicts, unowned.
+* It keeps ``fdcs:running:<host>`` (tenant -> running containers of this
+  host) in Redis, replaced on every full pass and recomputed for one tenant
+  on its containers' create, start, die and destroy events, for the
+  plugin's per-tenant gauges; and serves its own metrics (the
+  ``reconciler`` set of ``authz_plugin.metrics``, with this host's
+  per-tenant container gauges) on ``reconciler.metrics_listen``.
 
 ``--once`` runs one full pass, prints its counts as JSON and exits (an
 operator's drift check; the tests use it).  ``--retire-host ID`` removes
@@ -35,13 +41,37 @@ import sys
 import threading
 import time
 
+from authz_plugin import metrics
 from authz_plugin.config import DEFAULT_PATH, load
 from authz_plugin.errors import ConfigError, FdcsError, StoreUnavailable
 from authz_plugin.ownership import Store
+from authz_plugin.scoping import TENANT_LABEL
 
 from . import reconcile
 
 log = logging.getLogger(__name__)
+
+#: hash: tenant -> running containers of the host (written only by its reconciler)
+RUNNING_KEY = "fdcs:running:{host}"
+#: container events that change a tenant's counts on the host
+_COUNTED = frozenset({"create", "start", "die", "destroy"})
+_EVENT_TYPES = frozenset({"container", "network", "volume", "image", "plugin", "daemon"})
+#: engine states in which ``docker ps`` (without -a) lists a container
+_RUNNING_STATES = frozenset({"running", "paused", "restarting"})
+
+
+def host_counts(containers: list[dict]) -> dict[str, tuple[int, int]]:
+    """tenant -> (containers, running containers) of one engine's snapshot
+    (``Snapshot.containers``, with ``Running``); owners as
+    :func:`reconcile.container_owner` decides them."""
+    out: dict[str, list[int]] = {}
+    for c in containers:
+        owner, _ = reconcile.container_owner(c)
+        if owner:
+            n = out.setdefault(owner, [0, 0])
+            n[0] += 1
+            n[1] += bool(c.get("Running"))
+    return {t: (total, running) for t, (total, running) in out.items()}
 
 
 def _admin_client(cfg):
@@ -66,6 +96,7 @@ class Reconciler:
         self.docker = client
         self.store = store
         self.lock = threading.Lock()  # one writer at a time: events vs full passes
+        self._images: dict[str, dict] = {}  # image id -> labels, for the event-time recount
 
     # -- reading the engine ---------------------------------------------------
 
@@ -83,7 +114,7 @@ class Reconciler:
                 image_labels[image] = {}
         return {"Id": c["Id"], "Name": (c.get("Name") or "").lstrip("/"),
                 "Labels": (c.get("Config") or {}).get("Labels") or {}, "ImageLabels": image_labels[image],
-                "ExecIDs": c.get("ExecIDs") or [],
+                "ExecIDs": c.get("ExecIDs") or [], "Running": bool((c.get("State") or {}).get("Running")),
                 "Volumes": [m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume" and m.get("Name")]}
 
     def snapshot(self) -> reconcile.Snapshot:
@@ -111,19 +142,85 @@ class Reconciler:
         for eid in act.remove_execs:
             self.store.remove("exec", eid)
 
+    def _store_running(self, running: dict[str, int]) -> None:
+        """Replace this host's ``fdcs:running:<host>`` in one transaction."""
+        key = RUNNING_KEY.format(host=self.store.host)
+
+        def run():
+            pipe = self.store.r.pipeline(transaction=True)
+            pipe.delete(key)
+            if running:
+                pipe.hset(key, mapping=running)
+            pipe.execute()
+        self.store._call(run)
+
+    def _store_running_tenant(self, tenant: str, running: int) -> None:
+        key = RUNNING_KEY.format(host=self.store.host)
+        if running:
+            self.store._call(self.store.r.hset, key, tenant, running)
+        else:
+            self.store._call(self.store.r.hdel, key, tenant)
+
+    def _image_labels(self, image: str) -> dict:
+        import docker.errors
+        if image not in self._images:
+            if len(self._images) > 4096:
+                self._images.clear()  # bounded; an image's labels never change
+            try:
+                self._images[image] = (self.docker.api.inspect_image(image).get("Config") or {}).get("Labels") or {}
+            except docker.errors.NotFound:
+                return {}
+        return self._images[image]
+
+    def recount(self, tenant: str) -> tuple[int, int]:
+        """Count ``tenant``'s containers on the engine now, and publish the
+        running count (Redis) and both (metrics).  Caller holds the lock."""
+        total = running = 0
+        for c in self.docker.api.containers(all=True, filters={"label": f"{TENANT_LABEL}={tenant}"}):
+            owner, _ = reconcile.container_owner({
+                "Labels": c.get("Labels") or {}, "ImageLabels": self._image_labels(c.get("ImageID") or ""),
+                "Name": ((c.get("Names") or ["/"])[0]).lstrip("/")})
+            if owner == tenant:
+                total += 1
+                running += c.get("State") in _RUNNING_STATES
+        self._store_running_tenant(tenant, running)
+        m = metrics.active()
+        if isinstance(m, metrics.ReconcilerMetrics):
+            m.host_tenants.update(tenant, total, running)
+        return total, running
+
     def full(self) -> dict:
         """One full pass; returns its counts."""
         t0 = time.monotonic()
-        with self.lock:
-            # Records first, engine second: a resource created while the pass
-            # runs is then on the engine side (added, as the plugin did) and
-            # never read as a record the engine lacks (which would remove it).
-            have = {kind: self.store.records(kind) for kind in ("container", "network", "volume")}
-            have_execs = self.store.execs()
-            want = reconcile.desired(self.snapshot())
-            act = reconcile.diff(want, have, have_execs)
-            self.apply(act)
-            self.store.mark_complete(time.time())
+        m = metrics.active()
+        m = m if isinstance(m, metrics.ReconcilerMetrics) else None
+        try:
+            with self.lock:
+                # Records first, engine second: a resource created while the pass
+                # runs is then on the engine side (added, as the plugin did) and
+                # never read as a record the engine lacks (which would remove it).
+                have = {kind: self.store.records(kind) for kind in ("container", "network", "volume")}
+                have_execs = self.store.execs()
+                snap = self.snapshot()
+                want = reconcile.desired(snap)
+                act = reconcile.diff(want, have, have_execs)
+                self.apply(act)
+                by_tenant = host_counts(snap.containers)
+                self._store_running({t: r for t, (_, r) in by_tenant.items() if r})
+                self.store.mark_complete(time.time())
+        except Exception:
+            if m is not None:
+                m.passes.labels("error").inc()
+            raise
+        if m is not None:
+            m.passes.labels("ok").inc()
+            m.last_pass.set(time.time())
+            m.last_duration.set(time.monotonic() - t0)
+            for (change, kind), n in metrics.drift(act.add, act.remove, act.add_execs, act.remove_execs,
+                                                   have, len(want.conflicts)).items():
+                m.drift.labels(change, kind).inc(n)
+            m.unowned.set(len(want.unowned))
+            m.host_tenants.replace(by_tenant)
         counts = {"host": self.store.host, "added": len(act.add), "removed": len(act.remove),
                   "execs_added": len(act.add_execs), "execs_removed": len(act.remove_execs),
                   "conflicts": len(want.conflicts), "unowned": len(want.unowned),
@@ -142,6 +239,14 @@ class Reconciler:
         actor = ev.get("Actor") or {}
         rid = actor.get("ID") or ""
         with self.lock:
+            if kind == "container" and action in _COUNTED:
+                tenant = (actor.get("Attributes") or {}).get(TENANT_LABEL)
+                if tenant:
+                    import docker.errors
+                    try:
+                        self.recount(tenant)
+                    except docker.errors.APIError as e:  # the next full pass repairs it
+                        log.warning("cannot recount %s's containers (%s)", tenant, e.__class__.__name__)
             if kind == "container":
                 if action == "destroy":
                     self.store.remove("container", rid)
@@ -184,13 +289,22 @@ class Reconciler:
                 for ev in self.docker.api.events(decode=True, since=since):
                     if stop.is_set():
                         return
+                    kind = ev.get("Type") if ev.get("Type") in _EVENT_TYPES else "other"
                     try:
                         self.on_event(ev)
+                        _count_event(kind, "applied")
                     except FdcsError as e:
+                        _count_event(kind, "failed")
                         log.warning("event not applied (%s); the next full pass repairs it", e)
             except Exception as e:  # the engine restarted, the stream broke
                 log.warning("event stream interrupted (%s); reconnecting", e.__class__.__name__)
                 stop.wait(1.0)
+
+
+def _count_event(kind: str, result: str) -> None:
+    m = metrics.active()
+    if isinstance(m, metrics.ReconcilerMetrics):
+        m.events.labels(kind, result).inc()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.retire_host:
             cfg = load(args.config, overrides={"host.id": args.retire_host})
             try:
-                n = Store.from_config(cfg).retire_host()
+                store = Store.from_config(cfg)
+                n = store.retire_host()
+                store._call(store.r.delete, RUNNING_KEY.format(host=store.host))
             except FdcsError as e:
                 print(f"fdcs-reconciler: {e}", file=sys.stderr)
                 return 1
@@ -220,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, cfg["plugin.log_level"].upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    metrics.single_process()
+    m = metrics.activate("reconciler")
     rec = Reconciler(client, Store.from_config(cfg))
     if args.once:
         try:
@@ -228,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         except (FdcsError, OSError) as e:
             print(f"fdcs-reconciler: {e}", file=sys.stderr)
             return 1
+    try:
+        metrics.serve(metrics.parse_listen(cfg["reconciler.metrics_listen"]), m.registry)
+    except OSError as e:
+        print(f"fdcs-reconciler: cannot serve metrics on {cfg['reconciler.metrics_listen']} "
+              f"(reconciler.metrics_listen): {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     import signal
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

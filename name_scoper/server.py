@@ -12,6 +12,10 @@ Under systemd (``Type=notify``) it reports ``READY=1`` once listening and
 The process never holds the break-glass admin key: its identity service is
 built with ``keystone.admin_key_file`` emptied, and the proxy strips the
 ``keystone.admin_key_header`` header from every request.
+
+Its metrics (``authz_plugin.metrics``, the ``scoper`` set) are served on
+``scoper.metrics_listen`` by a listener of their own (plain HTTP, a thread),
+never on the tenants' TLS port; a taken address fails the start.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import socket
 import sys
 from typing import Any, Mapping
 
+from authz_plugin import metrics
 from authz_plugin.config import DEFAULT_PATH, Config, load
 from authz_plugin.errors import ConfigError
 
@@ -66,6 +71,10 @@ def check(cfg: Config):
         raise ConfigError("option scoper.max_connections: must be at least 1")
     if cfg["scoper.log_level"].lower() not in _LEVELS:
         raise ConfigError(f"option scoper.log_level: expected one of {', '.join(_LEVELS)}")
+    mlisten = metrics.parse_listen(cfg["scoper.metrics_listen"])
+    if mlisten is not None and mlisten[1] == listen[1]:
+        raise ConfigError("option scoper.metrics_listen: the metrics never share the tenants' port "
+                          f"({listen[1]}, scoper.listen)")
     return listen, ctx
 
 
@@ -111,6 +120,9 @@ async def run(cfg: Config, identity, prepare: Prepare, ctx, listen, ssl_context)
         prepare=prepare, context=ctx, admin_key_header=cfg["keystone.admin_key_header"],
         max_connections=cfg["scoper.max_connections"])
     await server.start(*listen)
+    m = metrics.active()
+    if isinstance(m, metrics.ScoperMetrics):
+        m.open_connections.set_function(lambda: server.connections)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from authz_plugin.identity import IdentityService
 
+    metrics.single_process()
+    m = metrics.activate("scoper")
+    try:
+        exporter = metrics.serve(metrics.parse_listen(cfg["scoper.metrics_listen"]), m.registry)
+    except OSError as e:
+        print(f"fdcs-name-scoper: cannot serve metrics on {cfg['scoper.metrics_listen']} "
+              f"(scoper.metrics_listen): {e}", file=sys.stderr)
+        return 2
     try:
         identity = IdentityService(identity_config(cfg))
         prepare, ctx = handlers_context(cfg)
@@ -160,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         LOG.error("cannot serve on %s: %s", cfg["scoper.listen"], e)
         return 1
+    finally:
+        if exporter is not None:
+            exporter.close()
     return 0
 
 

@@ -43,8 +43,11 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     ``FDCS_*`` and ``DOCKER_*`` (a shell that sourced some stack's env file
     has ``FDCS_KEYSTONE_URL``, ``FDCS_REDIS_URL``, which the daemons would
     take as configuration overrides, and ``DOCKER_TLS_VERIFY``, which would
-    turn the docker CLI's unix-socket calls into TLS), plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FDCS_", "DOCKER_"))}
+    turn the docker CLI's unix-socket calls into TLS), and without
+    ``PROMETHEUS_MULTIPROC_DIR`` (the hosts' plugins would share one metrics
+    directory: each makes its own), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("FDCS_", "DOCKER_")) and k.upper() != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(extra or {})
     return env
 

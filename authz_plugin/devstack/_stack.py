@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .. import config as fdcs_config
+from .. import metrics as fdcs_metrics
 from . import _clients, _engine, _keystone, _redis, _scoper, _tls
 from ._errors import Aborted, ComponentFailed, DevstackError
 from ._procs import Commands, free_ports, live_pid, terminate, unix_http, wait_until, write_if_changed
@@ -79,9 +80,11 @@ class ComponentStatus:
     up: bool
     pid: int | None
     addr: str
+    metrics: str = ""  # the component's metrics URL, if it serves any
 
     def __str__(self) -> str:
-        return f"{self.name} {'up' if self.up else 'down'} pid={self.pid or '-'} addr={self.addr}"
+        line = f"{self.name} {'up' if self.up else 'down'} pid={self.pid or '-'} addr={self.addr}"
+        return f"{line} metrics={self.metrics}" if self.metrics else line
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +106,7 @@ class _Daemon:
     env: Callable[[], dict[str, str]]
     ready: Callable[[], bool]
     kind: str  # key of TIMEOUTS / GRACE
+    metrics: str = ""  # metrics URL (http://127.0.0.1:PORT/metrics), "" when none
 
 
 def _console_script(name: str) -> str:
@@ -157,6 +161,7 @@ class Stack:
             n = self._host_count(state, hosts)
             self._first_values(state)
             self._scoper_ports(state, n)
+            self._metrics_ports(state, n)
             cmds = Commands(L.logs)
             cmds.note("up", f"up --hosts {n} (state dir {L.root})")
             _Up(self, state, cmds, n).run()
@@ -202,7 +207,7 @@ class Stack:
         out = []
         for d in self._daemons(state, self._hosts_seen(state)):
             pid = live_pid(d.pidfile)
-            out.append(ComponentStatus(d.name, bool(pid) and d.ready(), pid, d.addr))
+            out.append(ComponentStatus(d.name, bool(pid) and d.ready(), pid, d.addr, d.metrics))
         return out
 
     def env(self) -> dict[str, str]:
@@ -366,6 +371,21 @@ class Stack:
                 ports[_scoper.port_key(self.layout.host(k))] = port
             state["ports"] = ports
 
+    def _metrics_ports(self, state: State, hosts: int) -> None:
+        """Ports of each host's metrics listeners (plugin, reconciler, and
+        scoper when installed), chosen once and kept like the others."""
+        with state.lock:
+            ports = dict(state.get("ports", {}))
+            daemons = ["authz", "reconciler"] + (["scoper"] if _scoper.command() is not None else [])
+            missing = [_metrics_key(d, self.layout.host(k)) for k in range(1, hosts + 1) for d in daemons]
+            missing = [key for key in missing if not ports.get(key)]
+            if not missing:
+                return
+            taken = set(ports.values())
+            fresh = [p for p in free_ports(len(missing) + len(taken)) if p not in taken][: len(missing)]
+            ports.update(zip(missing, fresh))
+            state["ports"] = ports
+
     def _hosts_seen(self, state: State) -> int:
         """Hosts of a finished ``up`` or of a half-started one."""
         return max([state.get("hosts", 0)] + [h.index for h in self.layout.known_hosts()])
@@ -406,8 +426,9 @@ class Stack:
                         "FDCS_HOST_ID": host.name,
                         "FDCS_PLUGIN_NAME": host.plugin_name,
                         "FDCS_PLUGIN_SOCKET": str(host.plugin_socket),
+                        "FDCS_PLUGIN_METRICS_LISTEN": _metrics_listen(ports, "authz", host),
                     },
-                    lambda: plugin_ready(host), "authz"),
+                    lambda: plugin_ready(host), "authz", _metrics_url(ports, "authz", host)),
         ]
         rport = ports.get("redis", 0)
         reconciler = f"reconciler-{host.suffix}"
@@ -415,16 +436,20 @@ class Stack:
             # ready once its first full pass has marked the host complete
             _Daemon(reconciler, L.pidfile(reconciler), L.log(reconciler), f"unix://{host.engine_socket}",
                     lambda: [_console_script("fdcs-reconciler"), "--config", str(L.conf)],
-                    lambda: {"FDCS_HOST_ID": host.name, "FDCS_RECONCILER_ENGINE_SOCKET": str(host.engine_socket)},
-                    lambda: _redis.reconciled(rport, host.name), "reconciler"))
+                    lambda: {"FDCS_HOST_ID": host.name, "FDCS_RECONCILER_ENGINE_SOCKET": str(host.engine_socket),
+                             "FDCS_RECONCILER_METRICS_LISTEN": _metrics_listen(ports, "reconciler", host)},
+                    lambda: _redis.reconciled(rport, host.name), "reconciler",
+                    _metrics_url(ports, "reconciler", host)))
         exe = _scoper.command()
         if exe is not None:
             scoper = _scoper.component(host)
             port = ports.get(_scoper.port_key(host))
             out.append(
                 _Daemon(scoper, L.pidfile(scoper), L.log(scoper), _scoper.addr(port),
-                        lambda: _scoper.argv(exe, L), lambda: _scoper.env(host, port, L),
-                        lambda: _scoper.ping(port, L), "scoper"))
+                        lambda: _scoper.argv(exe, L),
+                        lambda: {**_scoper.env(host, port, L),
+                                 "FDCS_SCOPER_METRICS_LISTEN": _metrics_listen(ports, "scoper", host)},
+                        lambda: _scoper.ping(port, L), "scoper", _metrics_url(ports, "scoper", host)))
         return out
 
     def _admin_headers(self) -> dict[str, str]:
@@ -450,6 +475,26 @@ class Stack:
         for h in hosts if hosts is not None else self.layout.known_hosts():
             _engine.delete_netns(h, cmds)
             h.plugin_socket.unlink(missing_ok=True)
+            # the plugin's metric files (removed by the plugin itself unless it was killed)
+            shutil.rmtree(fdcs_metrics.default_multiproc_dir(h.plugin_name), ignore_errors=True)
+
+
+def _metrics_key(daemon: str, host: Host) -> str:
+    """Key of a host's metrics port in ``state["ports"]`` (daemon: authz,
+    scoper, reconciler)."""
+    return f"metrics-{daemon}-{host.suffix}"
+
+
+def _metrics_listen(ports: dict[str, int], daemon: str, host: Host) -> str:
+    """The daemon's ``*.metrics_listen``: its kept loopback port, or "" (no
+    listener; never the fixed defaults, which the hosts would share)."""
+    port = ports.get(_metrics_key(daemon, host))
+    return f"127.0.0.1:{port}" if port else ""
+
+
+def _metrics_url(ports: dict[str, int], daemon: str, host: Host) -> str:
+    listen = _metrics_listen(ports, daemon, host)
+    return f"http://{listen}/metrics" if listen else ""
 
 
 def _admin_header() -> str:
@@ -702,6 +747,13 @@ class _Up:
             "FDCS_PASSWORD": st["password"],
             "FDCS_ADMIN_KEY_FILE": str(L.admin_key),
             "FDCS_CONF": str(L.conf),
+            # the metrics endpoints: FDCS_METRICS_H1_PLUGIN, FDCS_METRICS_H1_SCOPER...
+            **{f"FDCS_METRICS_{L.host(k).suffix.upper()}_{role}": self.daemons[name].metrics
+               for k in range(1, self.n + 1)
+               for role, name in (("PLUGIN", f"authz-{L.host(k).suffix}"),
+                                  ("SCOPER", _scoper.component(L.host(k))),
+                                  ("RECONCILER", f"reconciler-{L.host(k).suffix}"))
+               if name in self.daemons and self.daemons[name].metrics},
         }
         return "".join(f"{k}={_quote(v)}\n" for k, v in values.items())
 

@@ -35,6 +35,7 @@ import hmac
 import logging
 import math
 import os
+import re
 import stat
 import threading
 import time
@@ -42,6 +43,7 @@ from collections import Counter
 from typing import Any, Callable, Iterable, Mapping
 
 from .. import config as _config
+from .. import metrics
 from ..errors import AuthenticationError, ConfigError, Forbidden, IdentityUnavailable
 from ._cache import RejectLimiter, TokenCache, cache_key, token_handle
 from ._keystone import (MSG_EXPIRED, MSG_INVALID, MSG_MISSING, MSG_UNAVAILABLE,
@@ -57,6 +59,11 @@ MSG_SLOW_DOWN = "too many invalid tokens, slow down"
 TOKEN_HEADER = "X-Auth-Token"
 TENANT_HEADER = "X-Auth-TenantId"
 READ_METHODS = frozenset({"GET", "HEAD"})
+#: reads by method that write all the same: the engine's websocket attach
+#: (``GET /containers/{name:.*}/attach/ws``) always attaches the container's
+#: stdin (moby 20.10 ``wsContainersAttach``: ``UseStdin: true``), so whoever
+#: opens one can type into the container
+_WRITING_READS = re.compile(r"/containers/.+/attach/ws")
 
 # Fernet, JWS and UUID tokens are all drawn from this alphabet; anything else
 # (spaces, control characters, a megabyte of junk) is refused before it can
@@ -94,12 +101,16 @@ class Identity:
     reader_roles: frozenset[str] = dataclasses.field(
         default=_default_roles("keystone.reader_roles"), compare=False, repr=False)
 
-    def may(self, method: str) -> bool:
-        """May this identity send an HTTP ``method``?  Admins always; GET and
-        HEAD need a reader or a member role; every other method a member role."""
+    def may(self, method: str, path: str = "") -> bool:
+        """May this identity send an HTTP ``method`` to ``path`` (the decoded
+        path without its ``/v1.xx`` prefix, as ``authz_plugin.request`` gives
+        it)?  Admins always; GET and HEAD need a reader or a member role,
+        except a GET that writes (the websocket attach); every other method
+        a member role."""
         if self.is_admin or self.roles & self.member_roles:
             return True
-        return method.upper() in READ_METHODS and bool(self.roles & self.reader_roles)
+        return (method.upper() in READ_METHODS and not _WRITING_READS.fullmatch(path)
+                and bool(self.roles & self.reader_roles))
 
 
 def _header(headers: Any, name: str) -> str | None:
@@ -272,6 +283,7 @@ class IdentityService:
     def _count(self, what: str) -> None:
         with self._stats_lock:
             self._stats[what] += 1
+        metrics.identity_event(what)  # fdcs_identity_events_total{event}
 
     def _lookup(self, token: str, tenant: str, source: str) -> Identity:
         key = cache_key(token, tenant)

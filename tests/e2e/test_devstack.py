@@ -38,7 +38,8 @@ SCOPER = _scoper.command() is not None
 HOST_PARTS = ["engine", "authz", "reconciler"] + (["scoper"] if SCOPER else [])
 NAMES = ["redis", "keystone"] + [f"{part}-h{k}" for k in (1, 2) for part in HOST_PARTS]
 needs_scoper = pytest.mark.skipif(not SCOPER, reason="fdcs-name-scoper is not installed")
-LINE = re.compile(r"^(\S+) (up|down) pid=(\d+|-) addr=(\S+)$")
+LINE = re.compile(r"^(\S+) (up|down) pid=(\d+|-) addr=(\S+)(?: metrics=(http://127\.0\.0\.1:\d+/metrics))?$")
+METRICS_PARTS = {"authz": "PLUGIN", "scoper": "SCOPER", "reconciler": "RECONCILER"}
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +98,21 @@ def test_status_lists_every_component_up(ds):
     if SCOPER:
         addrs = [LINE.match(l).group(4) for l in lines if l.startswith("scoper-")]
         assert addrs == ds.env()["FDCS_DOCKER_HOSTS"].split(), (addrs, ds.env()["FDCS_DOCKER_HOSTS"])
+    metrics = {LINE.match(l).group(1): LINE.match(l).group(5) for l in lines}
+    env = ds.env()
+    for name, url in metrics.items():
+        part, _, host = name.rpartition("-")
+        if part in METRICS_PARTS:
+            assert url == env[f"FDCS_METRICS_{host.upper()}_{METRICS_PARTS[part]}"], (name, url)
+        else:
+            assert url is None, (name, url)
 
 
 def test_env_has_the_contract_keys_and_working_identities(ds):
     text = (ds.dir / "env").read_text()
-    assert [l.split("=", 1)[0] for l in text.splitlines()] == ENV_KEYS
+    metrics = [f"FDCS_METRICS_H{k}_{role}" for k in (1, 2)
+               for role in ["PLUGIN"] + (["SCOPER"] if SCOPER else []) + ["RECONCILER"]]
+    assert [l.split("=", 1)[0] for l in text.splitlines()] == ENV_KEYS + metrics
     env = ds.env()
     engines = env["FDCS_ENGINE_HOSTS"].split()
     assert len(engines) == 2 and len(set(engines)) == 2
