@@ -675,3 +675,51 @@ def test_keystone_url_is_required():
     cfg = config.load(path=None, env={}, overrides={"keystone.admin_key_file": ""}, require=())
     with pytest.raises(ConfigError, match="keystone.url"):
         IdentityService(cfg)
+
+
+# -- security corpus (issue 7): what the scoper shows, and a GET that writes ---------------------
+
+class _Pairs(dict):
+    """A proxy's view of a request's headers: lookups join a repeated name,
+    items() shows every value (name_scoper.proxy._AuthHeaders)."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        self._pairs = list(pairs)
+        for k, v in self._pairs:
+            self[k] = f"{self[k]}, {v}" if k in self else v
+
+    def items(self):
+        return list(self._pairs)
+
+
+def test_a_header_repeated_under_one_name_is_refused_as_such(ks, svc, w):
+    a, b = ks.issue(w.alice, w.demo), ks.issue(w.alice, w.other)
+    with pytest.raises(AuthenticationError, match="more than one X-Auth-Token header"):
+        svc.authenticate(_Pairs([("x-auth-token", a), ("x-auth-token", b)]))
+    with pytest.raises(AuthenticationError, match="more than one X-Auth-TenantId header"):
+        svc.authenticate(_Pairs([("x-auth-token", a), ("x-auth-tenantid", w.demo),
+                                 ("x-auth-tenantid", w.other)]))
+    # controls: one value, and the same value twice
+    assert svc.authenticate(_Pairs([("x-auth-token", a)])).project_id == w.demo
+    assert svc.authenticate(_Pairs([("x-auth-token", a), ("x-auth-token", a),
+                                    ("x-auth-tenantid", w.demo)])).project_id == w.demo
+
+
+@pytest.mark.parametrize("path, reader_may", [
+    ("/containers/web/attach/ws", False),
+    ("/containers/0123abcd/attach/ws", False),
+    ("/containers/a/b/attach/ws", False),  # the engine routes /containers/{name:.*}/attach/ws
+    ("/containers/web/json", True),
+    ("/containers/web/logs", True),
+    ("/containers/web/attach/wsx", True),
+    ("", True),
+])
+def test_the_websocket_attach_is_a_write_although_a_get(path, reader_may):
+    reader = Identity("u", "dave", "p", frozenset({"reader"}), 0.0, False, "token")
+    member = Identity("u", "alice", "p", frozenset({"member"}), 0.0, False, "token")
+    admin = Identity("u", "root", "", frozenset(), 0.0, True, "admin-key")
+    assert reader.may("GET", path) is reader_may
+    assert reader.may("HEAD", path) is reader_may
+    assert member.may("GET", path) and admin.may("GET", path)
+    assert reader.may("GET")  # the method alone: as before

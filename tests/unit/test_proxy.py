@@ -1165,3 +1165,44 @@ def test_sd_notify_reaches_the_notify_socket(tmp_path, monkeypatch):
         assert s.recv(100) == b"READY=1"
     monkeypatch.delenv("NOTIFY_SOCKET")
     _sd_notify("READY=1")  # no systemd: nothing happens
+
+
+# =========================================================================================
+# security corpus (issue 7): a repeated identity header
+# =========================================================================================
+
+
+class _StrictIdentity(FakeIdentity):
+    """Records the (name, value) pairs it is shown and, as IdentityService
+    does, refuses two different X-Auth-Token values."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs: list[list[tuple[str, str]]] = []
+
+    def authenticate(self, headers, source=""):
+        pairs = [(k.lower(), v) for k, v in headers.items()]
+        self.pairs.append(pairs)
+        if len({v for k, v in pairs if k == "x-auth-token"}) > 1:
+            raise AuthenticationError("authentication required: more than one X-Auth-Token header")
+        return super().authenticate(headers, source)
+
+
+def test_a_repeated_token_header_reaches_the_identity_as_two_values(engine, loop_thread, tls):
+    ident = _StrictIdentity()
+    srv = loop_thread.run(serve(ident, engine_socket=engine.path,
+                                ssl_context=server_context(tls.server_cert, tls.server_key)))
+    c = Client(srv.port, tls)
+    try:
+        c.send(b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\nX-Auth-Token: tok-a\r\nx-auth-token: tok-b\r\n\r\n")
+        status, _, body = c.response()
+        assert status == 401 and "more than one X-Auth-Token header" in json.loads(body)["message"]
+        assert ident.pairs[-1].count(("x-auth-token", "tok-a")) == 1 and ("x-auth-token", "tok-b") in ident.pairs[-1]
+        assert engine.count == 0
+        # control: the same value twice is one identity, and the request goes through
+        c.send(b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\nX-Auth-Token: tok-a\r\nx-auth-token: tok-a\r\n\r\n")
+        assert c.response()[0] == 200 and engine.count == 1
+        assert ident.calls[-1][0]["x-auth-token"] == "tok-a, tok-a"  # a lookup joins, as HTTP does
+    finally:
+        c.close()
+        loop_thread.run(srv.close(1.0))
