@@ -26,7 +26,12 @@ key                               type    content
 ``fdcs:reconciled``               hash    host -> time of its last complete
                                           reconcile (written only by the
                                           reconciler, after a full pass)
+``fdcs:suspended``                hash    tenant -> JSON ``{"at", "by", "reason"}``:
+                                          every request of the tenant is refused
 ================================  ======  =======================================
+
+Quota charges and usage (``fdcs:charge``, ``fdcs:usage:<tenant>``...) belong
+to :mod:`quota`; removing a record here also frees its charge.
 
 :meth:`Store.resolve` answers, in one round trip for any number of
 references, what the engine would resolve each to -- full id first, then an
@@ -44,6 +49,7 @@ Every Redis failure is raised as :class:`StoreUnavailable`; the caller denies.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import redis
@@ -122,9 +128,31 @@ end
 return 1
 """
 
-_REMOVE = """
+# A removed resource no longer holds its quota charge (quota.py): whoever
+# removes the record (plugin, prune, reconciler) frees the tenant's units.
+_DISCHARGE = """
+local function discharge(kind, id)
+  local f = kind .. '/' .. id
+  if kind == '' then f = id end
+  local raw = redis.call('HGET', 'fdcs:charge', f)
+  if not raw then return end
+  local t, _, a, b, c, d, e = string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
+  local v = {a, b, c, d, e}
+  local M = {'containers', 'memory', 'cpus', 'volumes', 'networks'}
+  for i = 1, 5 do
+    local x = tonumber(v[i])
+    if x and x ~= 0 then redis.call('HINCRBY', 'fdcs:usage:' .. t, M[i], -x) end
+  end
+  redis.call('HDEL', 'fdcs:charge', f)
+end
+"""
+
+_DROP_CHARGE = _DISCHARGE + "discharge('', ARGV[1])\nreturn 1\n"
+
+_REMOVE = _DISCHARGE + """
 local kind, id = ARGV[1], ARGV[2]
 local host = redis.call('HGET', 'fdcs:host:' .. kind, id) or ARGV[3]
+discharge(kind, id)
 local n = redis.call('HDEL', 'fdcs:own:' .. kind, id)
 redis.call('HDEL', 'fdcs:host:' .. kind, id)
 if kind ~= 'volume' then
@@ -235,6 +263,19 @@ def connect(cfg: Config) -> redis.Redis:
                                 decode_responses=True, health_check_interval=30)
 
 
+def call_redis(fn, *args, **kw):
+    """Run one Redis operation; every failure becomes :class:`StoreUnavailable`."""
+    try:
+        return fn(*args, **kw)
+    except redis.ResponseError as e:
+        # a refused command (out of memory, read-only replica, a script bug)
+        log.error("redis refused a command: %s", e)
+        raise StoreUnavailable("ownership store unavailable, retry") from e
+    except redis.RedisError as e:
+        log.warning("redis error: %s", e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        raise StoreUnavailable("ownership store unavailable, retry") from e
+
+
 class Store:
     """Ownership records of one host's view; every method raises
     :class:`StoreUnavailable` on a Redis failure."""
@@ -250,21 +291,14 @@ class Store:
         self._tenant_ref = client.register_script(_TENANT_REF)
         self._reserve = client.register_script(_RESERVE)
         self._release = client.register_script(_RELEASE)
+        self._drop_charge = client.register_script(_DROP_CHARGE)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Store":
         return cls(connect(cfg), cfg["redis.exec_ttl"], cfg["host.id"])
 
     def _call(self, fn, *args, **kw):
-        try:
-            return fn(*args, **kw)
-        except redis.ResponseError as e:
-            # a refused command (out of memory, read-only replica, a script bug)
-            log.error("redis refused a command: %s", e)
-            raise StoreUnavailable("ownership store unavailable, retry") from e
-        except redis.RedisError as e:
-            log.warning("redis error: %s", e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
-            raise StoreUnavailable("ownership store unavailable, retry") from e
+        return call_redis(fn, *args, **kw)
 
     # -- reads ------------------------------------------------------------------
 
@@ -325,6 +359,45 @@ class Store:
             owners, names = pipe.execute()
             return {i: (o or "", n or "") for i, o, n in zip(ids, owners, names)}
         return self._call(run)
+
+    def all_records(self, kind: str) -> dict[str, tuple[str, str, str]]:
+        """Every host's records of ``kind``: id -> (tenant, host, name)."""
+        def run():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(f"fdcs:own:{kind}")
+            pipe.hgetall(f"fdcs:host:{kind}")
+            pipe.hgetall(f"fdcs:nameof:{kind}")
+            owners, hosts, names = pipe.execute()
+            ids = set(owners) | set(hosts)
+            return {i: (owners.get(i, ""), hosts.get(i, ""), names.get(i, i if kind == "volume" else ""))
+                    for i in ids}
+        return self._call(run)
+
+    def hosts(self) -> dict[str, float]:
+        """Hosts that completed a reconcile since Redis last lost its data:
+        host -> time of the last complete pass."""
+        return {h: float(t) for h, t in self._call(self.r.hgetall, "fdcs:reconciled").items()}
+
+    # -- tenants' state ---------------------------------------------------------------
+
+    def suspended(self) -> dict[str, dict]:
+        """Suspended tenants: tenant -> {"at", "by", "reason"}."""
+        import json
+        out = {}
+        for t, v in self._call(self.r.hgetall, "fdcs:suspended").items():
+            try:
+                out[t] = json.loads(v)
+            except ValueError:
+                out[t] = {"reason": v}
+        return out
+
+    def suspend(self, tenant: str, by: str, reason: str) -> None:
+        import json
+        self._call(self.r.hset, "fdcs:suspended", tenant,
+                   json.dumps({"at": int(time.time()), "by": by, "reason": reason}))
+
+    def resume(self, tenant: str) -> bool:
+        return bool(self._call(self.r.hdel, "fdcs:suspended", tenant))
 
     def execs(self) -> dict[str, tuple[str, str]]:
         """Every exec record: id -> (tenant, container id)."""
@@ -389,6 +462,9 @@ class Store:
             for id_ in self.records(kind):
                 self.remove(kind, id_)
                 n += 1
+        for f, v in self._call(self.r.hgetall, "fdcs:charge").items():
+            if v.split(" ", 2)[1:2] == [self.host]:  # pending charges of the host
+                self._call(self._drop_charge, keys=[], args=[f])
         def run():
             self.r.delete(f"fdcs:ids:container:{self.host}", f"fdcs:ids:network:{self.host}",
                           f"fdcs:names:container:{self.host}", f"fdcs:names:network:{self.host}")

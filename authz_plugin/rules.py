@@ -24,6 +24,7 @@ from . import gojson, shapes
 from .config import Config
 from .endpoints import Endpoint
 from .errors import BadRequest, Denied, NotFound
+from .quota import QuotaPolicy
 from .request import Request
 from .scoping import LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, is_scoped_for, looks_like_id, unscope
 
@@ -42,6 +43,7 @@ class Policy:
     host_port_range: tuple[int, int] = (30000, 32767)
     default_runtime: str = "runc"
     registries: frozenset[str] = frozenset({"docker.io"})
+    quota: QuotaPolicy = field(default_factory=QuotaPolicy)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Policy":
@@ -56,6 +58,7 @@ class Policy:
             host_port_range=cfg["policy.host_port_range"],
             default_runtime=cfg["policy.default_runtime"],
             registries=frozenset(_norm_registry(r) for r in cfg["policy.registries"]),
+            quota=QuotaPolicy.from_config(cfg),
         )
 
 
@@ -80,6 +83,8 @@ class Plan:
     record: tuple[str, dict[str, Any]] | None = None
     #: the resource the audit line names
     resource: str = ""
+    #: quota charge (quotas on): ("create", vector, named volumes) or ("update", vector)
+    charge: tuple | None = None
 
 
 # -- helpers -------------------------------------------------------------------
@@ -363,13 +368,19 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
             needs.append(_ref_need("network", net, where))
         _endpoint(ep, where, needs)
 
-    return Plan(needs, ("container", {"name": name, "volumes": volumes}), resource=name or "")
+    plan = Plan(needs, ("container", {"name": name, "volumes": volumes}), resource=name or "")
+    if policy.quota.enabled:
+        plan.charge = ("create", policy.quota.check_create(hc), tuple(volumes))
+    return plan
 
 
 def container_update(req: Request, tenant: str, policy: Policy, ref: str) -> Plan:
     body = gojson.decode(req.body, shapes.UPDATE_CONFIG)
     _resources(body, policy, "", update=True)
-    return Plan([_ref_need("container", ref, "path")], resource=ref)
+    plan = Plan([_ref_need("container", ref, "path")], resource=ref)
+    if policy.quota.enabled:
+        plan.charge = ("update", policy.quota.check_update(body))
+    return plan
 
 
 def container_rename(req: Request, tenant: str, policy: Policy, ref: str) -> Plan:
@@ -413,7 +424,10 @@ def network_create(req: Request, tenant: str, policy: Policy) -> Plan:
     ipam = body.get("IPAM") or {}
     if (ipam.get("Driver") or "default") != "default" or _nonempty(ipam.get("Config")) or _nonempty(ipam.get("Options")):
         raise Denied("IPAM configuration is not allowed (subnets come from the engine's address pools)")
-    return Plan([], ("network", {"name": name}), resource=name)
+    plan = Plan([], ("network", {"name": name}), resource=name)
+    if policy.quota.enabled:
+        plan.charge = ("create", (0, 0, 0, 0, 1), ())
+    return plan
 
 
 def network_connect(req: Request, tenant: str, policy: Policy, ref: str) -> Plan:
@@ -440,7 +454,10 @@ def volume_create(req: Request, tenant: str, policy: Policy) -> Plan:
         raise Denied(f"Driver {body['Driver']!r} is not allowed (local only)")
     if _nonempty(body.get("DriverOpts")):
         raise Denied("DriverOpts is not allowed (they mount host paths and devices)")
-    return Plan([], ("volume", {"name": name}), resource=name)
+    plan = Plan([], ("volume", {"name": name}), resource=name)
+    if policy.quota.enabled:
+        plan.charge = ("create", (0, 0, 0, 0, 0), (name,))  # one volume, unless it exists already
+    return plan
 
 
 # -- lists, prunes, events ---------------------------------------------------

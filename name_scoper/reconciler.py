@@ -38,6 +38,7 @@ import time
 from authz_plugin.config import DEFAULT_PATH, load
 from authz_plugin.errors import ConfigError, FdcsError, StoreUnavailable
 from authz_plugin.ownership import Store
+from authz_plugin.quota import QuotaPolicy, QuotaStore, nano_cpus, wanted_charges
 
 from . import reconcile
 
@@ -62,9 +63,10 @@ def _admin_client(cfg):
 
 
 class Reconciler:
-    def __init__(self, client, store: Store):
+    def __init__(self, client, store: Store, quota: QuotaStore | None = None):
         self.docker = client
         self.store = store
+        self.quota = quota  # None: quotas off, no charges to correct
         self.lock = threading.Lock()  # one writer at a time: events vs full passes
 
     # -- reading the engine ---------------------------------------------------
@@ -76,6 +78,7 @@ class Reconciler:
         except docker.errors.NotFound:
             return None
         image = c.get("Image") or ""
+        hc = c.get("HostConfig") or {}
         if image not in image_labels:
             try:
                 image_labels[image] = (self.docker.api.inspect_image(image).get("Config") or {}).get("Labels") or {}
@@ -84,6 +87,7 @@ class Reconciler:
         return {"Id": c["Id"], "Name": (c.get("Name") or "").lstrip("/"),
                 "Labels": (c.get("Config") or {}).get("Labels") or {}, "ImageLabels": image_labels[image],
                 "ExecIDs": c.get("ExecIDs") or [],
+                "Size": (1, hc.get("Memory") or 0, nano_cpus(hc), 0, 0),
                 "Volumes": [m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume" and m.get("Name")]}
 
     def snapshot(self) -> reconcile.Snapshot:
@@ -120,13 +124,20 @@ class Reconciler:
             # never read as a record the engine lacks (which would remove it).
             have = {kind: self.store.records(kind) for kind in ("container", "network", "volume")}
             have_execs = self.store.execs()
-            want = reconcile.desired(self.snapshot())
+            charged = self.quota.charges(self.store.host) if self.quota else {}
+            snap = self.snapshot()
+            want = reconcile.desired(snap)
             act = reconcile.diff(want, have, have_execs)
             self.apply(act)
+            quota_counts = {}
+            if self.quota:
+                sizes = {c["Id"]: c["Size"] for c in snap.containers}
+                quota_counts = self.quota.sync(charged, wanted_charges(want.records, sizes))
             self.store.mark_complete(time.time())
         counts = {"host": self.store.host, "added": len(act.add), "removed": len(act.remove),
                   "execs_added": len(act.add_execs), "execs_removed": len(act.remove_execs),
                   "conflicts": len(want.conflicts), "unowned": len(want.unowned),
+                  **{f"charges_{k}": v for k, v in quota_counts.items()},
                   "ms": int((time.monotonic() - t0) * 1000)}
         for c in want.conflicts:
             log.warning("conflict: %s", c)
@@ -220,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, cfg["plugin.log_level"].upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
-    rec = Reconciler(client, Store.from_config(cfg))
+    store = Store.from_config(cfg)
+    qpolicy = QuotaPolicy.from_config(cfg)
+    rec = Reconciler(client, store, QuotaStore(store.r, qpolicy, store.host) if qpolicy.enabled else None)
     if args.once:
         try:
             print(json.dumps(rec.full()))

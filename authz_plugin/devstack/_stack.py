@@ -304,7 +304,7 @@ class Stack:
             entries = set(os.listdir(self.dir))
         except FileNotFoundError:
             return
-        if entries and not entries & {"state.json", "logs", "run", "env"}:
+        if entries and not entries & {"state.json", "logs", "run", "env", LOCAL_CONF}:
             raise DevstackError(f"{self.dir} exists and is not an fdcs-devstack state dir; "
                                 "choose another --state-dir")
 
@@ -632,7 +632,14 @@ class _Up:
                     "\n[policy]\n"
                     "# the engines run with --log-opt max-size=" + _engine.LOG_MAX_SIZE + "\n"
                     f'log_max_size = "{_engine.LOG_MAX_SIZE}"\n'
+                    "\n[quota]\n"
+                    "# accounted and enforced; no default limits (fdcs-manage quota set adds them per tenant)\n"
+                    "enabled = true\n"
+                    'default_memory = "256m"\n'
+                    'default_cpus = "1"\n'
+                    'flavors = { small = "256m,0.5", medium = "512m,1", large = "1g,2" }\n'
                 )
+                text = merge_local_conf(text, self.L.root / LOCAL_CONF)
                 self.conf_changed = write_if_changed(self.L.conf, text, 0o600)
                 try:
                     fdcs_config.load(str(self.L.conf), env={})
@@ -704,6 +711,49 @@ class _Up:
             "FDCS_CONF": str(L.conf),
         }
         return "".join(f"{k}={_quote(v)}\n" for k, v in values.items())
+
+
+#: site options merged over the generated fdcs.toml (trials and tests)
+LOCAL_CONF = "fdcs.local.toml"
+
+
+def merge_local_conf(text: str, local: Path) -> str:
+    """``text`` with the options of ``local`` (a TOML file, if it exists)
+    merged over it, option by option."""
+    import tomllib
+
+    if not local.exists():
+        return text
+    try:
+        extra = tomllib.loads(local.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise DevstackError(f"{local} cannot be read: {e}") from e
+    doc = tomllib.loads(text)
+    for section, table in extra.items():
+        if not isinstance(table, dict):
+            raise DevstackError(f"{local}: top-level key {section!r} must be a [section]")
+        doc.setdefault(section, {}).update(table)
+    lines = [f"# FDCS configuration of the local stack (written by fdcs-devstack, with {local.name})."]
+    for section, table in doc.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string is a JSON string for our values
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise DevstackError(f"cannot write {v!r} in fdcs.toml")
 
 
 def _quote(value: str) -> str:
