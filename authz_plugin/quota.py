@@ -58,7 +58,7 @@ from typing import Any, Mapping
 
 import redis
 
-from .errors import Denied, QuotaExceeded
+from .errors import Denied, QuotaExceeded, Retry
 
 METRICS = ("containers", "memory", "cpus", "volumes", "networks")
 UNLIMITED = -1
@@ -300,6 +300,9 @@ end
 
 _ADMIT = _LUA_LIB + """
 local tenant, host, fp, mode, field, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+-- after a loss of Redis data the usage is rebuilt by the reconcilers' passes:
+-- until this host's has run, its charges are unknown
+if redis.call('HEXISTS', 'fdcs:reconciled', host) == 0 then return {'rebuilding'} end
 local new, def = {}, {}
 for i = 1, 5 do new[i] = tonumber(ARGV[7 + i]); def[i] = tonumber(ARGV[12 + i]) end
 for j = 18, #ARGV do  -- named volumes the create makes if they do not exist
@@ -421,6 +424,8 @@ class QuotaStore:
         defaults = [self.policy.defaults[m] for m in METRICS]
         out = self._call(self._admit, keys=[], args=[tenant, self.host, fp, mode, f, PENDING_TTL, int(time.time()),
                                                      *vec, *defaults, *volumes])
+        if out[0] == "rebuilding":
+            raise Retry("quota usage is being rebuilt after a restart of the ownership store; retry in a moment")
         if out[0] != "ok":
             _, metric, limit, used, need = out
             default = self.policy.default_memory if metric == "memory" else self.policy.default_nano_cpus

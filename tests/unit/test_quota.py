@@ -12,7 +12,7 @@ from authz_plugin import quota as q
 from authz_plugin.errors import ConfigError, Denied
 from authz_plugin.ownership import Store
 from authz_plugin.policy import Authorizer
-from authz_plugin.quota import KEEP, QuotaPolicy, QuotaStore
+from authz_plugin.quota import KEEP, QuotaPolicy
 from authz_plugin.scoping import TENANT_LABEL
 
 from .conftest import TA, TB, FakeIdentityService, cfg, payload
@@ -383,3 +383,13 @@ def test_suspended_tenant_is_refused_everything(redis_server, monkeypatch):
     assert st.resume(TA)
     monkeypatch.setattr(w.authz["h1"], "_suspended", (0.0, {}))
     assert w.request("h1", "GET", f"{V}/info")["Allow"]
+
+
+def test_admission_waits_for_the_rebuild_after_a_redis_loss(redis_server):
+    w = World(redis_server)
+    w.stores["h1"].r.hdel("fdcs:reconciled", "h1")  # as after a loss of Redis data
+    r, _ = w.create("h1")
+    assert not r["Allow"] and "being rebuilt" in r["Msg"]
+    assert w.create("h2")[0]["Allow"]  # host 2 has reconciled
+    w.stores["h1"].mark_complete(1)
+    assert w.create("h1")[0]["Allow"]
