@@ -142,7 +142,7 @@ async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) ->
     if now - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
         return
     name = scope.default_network
-    status, _, _ = await engine("GET", f"{V}/networks/{name}")
+    status, _, out = await engine("GET", f"{V}/networks/{name}")
     if status == 404:
         body = json.dumps({"Name": name, "CheckDuplicate": True, "Driver": "bridge",
                            "Labels": {TENANT_LABEL: scope.tenant, NAME_LABEL: rewrite.DEFAULT_NETWORK}}).encode()
@@ -150,7 +150,11 @@ async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) ->
         if status not in (201, 409):
             raise BadRequest(f"your default network could not be created: {rewrite.error(status, out, scope)[1].decode()}")
     elif status != 200:
-        raise BadRequest("your default network could not be checked, retry")
+        try:
+            reason = json.loads(rewrite.error(status, out, scope)[1])["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = f"the engine answered {status}"
+        raise BadRequest(f"your default network could not be checked ({reason}); retry")
     ctx.default_networks[scope.tenant] = now
 
 
