@@ -23,6 +23,10 @@ key                               type    content
                                           in flight for the name
 ``fdcs:exec:<id>``                string  ``<tenant> <container id>``, expires
                                           after ``redis.exec_ttl`` seconds
+``fdcs:unowned:<kind>:<host>``    set     engine names of the host's unowned
+                                          containers and networks (reconciler):
+                                          nobody's, though the engine matches
+                                          them before an id prefix
 ``fdcs:reconciled``               hash    host -> time of its last complete
                                           reconcile (written only by the
                                           reconciler, after a full pass)
@@ -78,6 +82,7 @@ if owner then return {'id', ref, owner} end
 if kind == 'volume' then return {'none', ready} end
 local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
+if redis.call('SISMEMBER', 'fdcs:unowned:' .. kind .. ':' .. host, ref) == 1 then return {'name', '', ''} end
 if ARGV[4] ~= '1' then return {'none', ready} end
 local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
 if #ids == 0 then return {'none', ready} end
@@ -451,6 +456,26 @@ class Store:
     def release_name(self, scoped: str) -> None:
         self._call(self._release, keys=[], args=[scoped, self.host])
 
+    def set_unowned_names(self, names: dict[str, set[str]]) -> None:
+        """Replace this host's names of unowned containers and networks
+        (reconciler, full pass).  The engine resolves an exact name before an
+        id prefix, so a hex-looking reference equal to such a name must never
+        be taken for a prefix of the caller's ids."""
+        def run():
+            pipe = self.r.pipeline(transaction=True)
+            for kind in KINDS_WITH_IDS:
+                key = f"fdcs:unowned:{kind}:{self.host}"
+                pipe.delete(key)
+                if names.get(kind):
+                    pipe.sadd(key, *sorted(names[kind]))
+            pipe.execute()
+        self._call(run)
+
+    def add_unowned_name(self, kind: str, name: str) -> None:
+        """One more unowned name (reconciler, events).  Names are removed only
+        by the next full pass: a stale one refuses, never allows."""
+        self._call(self.r.sadd, f"fdcs:unowned:{kind}:{self.host}", name)
+
     def mark_complete(self, when: float) -> None:
         """Called by the reconciler after a full pass over this host."""
         self._call(self.r.hset, "fdcs:reconciled", self.host, str(when))
@@ -467,7 +492,8 @@ class Store:
                 self._call(self._drop_charge, keys=[], args=[f])
         def run():
             self.r.delete(f"fdcs:ids:container:{self.host}", f"fdcs:ids:network:{self.host}",
-                          f"fdcs:names:container:{self.host}", f"fdcs:names:network:{self.host}")
+                          f"fdcs:names:container:{self.host}", f"fdcs:names:network:{self.host}",
+                          f"fdcs:unowned:container:{self.host}", f"fdcs:unowned:network:{self.host}")
             self.r.hdel("fdcs:reconciled", self.host)
         self._call(run)
         return n

@@ -26,7 +26,7 @@ from .endpoints import Endpoint
 from .errors import BadRequest, Denied, NotFound
 from .quota import QuotaPolicy
 from .request import Request
-from .scoping import LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, is_scoped_for, looks_like_id, unscope
+from .scoping import LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, is_scoped_for, looks_like_id, unscope, valid_name
 
 
 @dataclass(frozen=True)
@@ -146,13 +146,31 @@ def _ref_need(kind: str, ref: str, where: str) -> Need:
     return Need(kind, ref, where)
 
 
+def _link_need(link: str, where: str) -> Need:
+    """A link ``name[:alias]``: the name must be the caller's, the alias a
+    plain name.  For a container not on a user-defined network the engine
+    reserves the container name ``path.Join(<its name>, alias)`` for the
+    link's target (``opts.ParseLink``, ``daemon.registerLink``): an alias such
+    as ``../<tenant>_web`` would give another tenant's scoped name to one of
+    the caller's containers."""
+    name, sep, alias = link.partition(":")
+    if sep:
+        if name.startswith("/"):
+            alias = alias.rpartition("/")[2]  # ParseLink keeps the last element only
+        if not valid_name(alias):
+            raise Denied(f"{where}: the link alias {alias!r} is not allowed "
+                         "(letters, digits, '_', '.' and '-', starting with a letter or digit)")
+    return _ref_need("container", name.lstrip("/"), where)
+
+
 def _nonempty(value: Any) -> bool:
     return value not in (None, False, 0, "", [], {})
 
 
 # -- container create / update ------------------------------------------------
 
-_SECURITY_OPT_OK = re.compile(r"no-new-privileges(?:[=:](?:true|false))?")
+# only ever switched on: "=false" would override the engine-wide "no-new-privileges": true
+_SECURITY_OPT_OK = re.compile(r"no-new-privileges(?:[=:]true)?")
 _LOG_OPTS_OK = frozenset({"max-size", "max-file", "compress", "labels", "labels-regex", "env", "env-regex", "tag"})
 _ALWAYS_REFUSED_RESOURCES = (
     "BlkioWeightDevice", "BlkioDeviceReadBps", "BlkioDeviceWriteBps", "BlkioDeviceReadIOps",
@@ -289,7 +307,7 @@ def _endpoint(ep: dict[str, Any] | None, where: str, needs: list[Need]) -> None:
         if _nonempty(ep.get(key)):
             raise Denied(f"{where}.{key} is not allowed (addresses come from the network's pool)")
     for j, link in enumerate(ep.get("Links") or []):
-        needs.append(_ref_need("container", link.split(":", 1)[0].lstrip("/"), f"{where}.Links[{j}]"))
+        needs.append(_link_need(link, f"{where}.Links[{j}]"))
 
 
 def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
@@ -315,6 +333,8 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
             raise Denied(f"HostConfig.CapAdd {cap!r} is not allowed")
     for opt in hc.get("SecurityOpt") or []:
         if not _SECURITY_OPT_OK.fullmatch(opt):
+            if opt.startswith("no-new-privileges"):
+                raise Denied(f"HostConfig.SecurityOpt {opt!r} is not allowed (no-new-privileges can only be switched on)")
             raise Denied(f"HostConfig.SecurityOpt {opt.split('=')[0].split(':')[0]!r} is not allowed "
                          "(only no-new-privileges)")
     for key in ("MaskedPaths", "ReadonlyPaths"):
@@ -357,7 +377,7 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
     for i, vf in enumerate(hc.get("VolumesFrom") or []):
         needs.append(_ref_need("container", vf.split(":", 1)[0], f"HostConfig.VolumesFrom[{i}]"))
     for i, link in enumerate(hc.get("Links") or []):
-        needs.append(_ref_need("container", link.split(":", 1)[0].lstrip("/"), f"HostConfig.Links[{i}]"))
+        needs.append(_link_need(link, f"HostConfig.Links[{i}]"))
 
     endpoints = ((body.get("NetworkingConfig") or {}).get("EndpointsConfig")) or {}
     for net, ep in endpoints.items():

@@ -128,6 +128,8 @@ class Reconciler:
             snap = self.snapshot()
             want = reconcile.desired(snap)
             act = reconcile.diff(want, have, have_execs)
+            # before the records, so that no prefix is ever resolved without them
+            self.store.set_unowned_names(reconcile.unowned_names(snap, want))
             self.apply(act)
             quota_counts = {}
             if self.quota:
@@ -163,6 +165,7 @@ class Reconciler:
                         if owner:
                             self.store.add("container", c["Id"], owner, c["Name"])
                         else:
+                            self.store.add_unowned_name("container", c["Name"])
                             self.store.remove("container", c["Id"])
                 elif action == "exec_create":
                     owner = self.store.owner("container", rid)
@@ -181,6 +184,8 @@ class Reconciler:
                     owner = reconcile._tenant(n.get("Labels"))
                     if owner:
                         self.store.add("network", n["Id"], owner, n["Name"])
+                    else:
+                        self.store.add_unowned_name("network", n["Name"])
             elif kind == "volume" and action in ("create", "destroy"):
                 if action == "destroy":
                     self.store.remove("volume", rid)
