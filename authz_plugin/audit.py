@@ -9,7 +9,8 @@ authentication, role, unsupported, bad-request, redis-unavailable, ...),
 ``msg`` (the refusal as the tenant sees it) and ``us`` (microseconds spent).
 
 Never a token, a password or a body: the line is built only from the fields
-above.
+above.  Each line is also copied to the Redis stream ``fdcs:audit`` when the
+plugin installed one (``audit_stream.py``; never blocks the decision).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import logging
 import time
 from typing import Any, Mapping
 
+from . import audit_stream
+
 log = logging.getLogger("fdcs.audit")
 
 
 def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str, str], resource: str,
           result: Mapping[str, Any], reason: str, t0: float) -> None:
-    if not log.isEnabledFor(logging.INFO):
+    if not log.isEnabledFor(logging.INFO) and not audit_stream.active():
         return
     line = {
         "ts": round(time.time(), 3),
@@ -41,4 +44,6 @@ def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str
     }
     if not result.get("Allow"):
         line["msg"] = result.get("Msg", "")
-    log.info(json.dumps(line, separators=(",", ":")))
+    text = json.dumps(line, separators=(",", ":"))
+    audit_stream.submit(text)
+    log.info(text)

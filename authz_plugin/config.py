@@ -151,6 +151,30 @@ def _flavors(v: Any) -> tuple:
     return tuple(parse_flavor(name, spec) for name, spec in pairs)
 
 
+def _engine_map(v: Any) -> dict[str, str]:
+    """``{h1 = "unix:///run/docker.sock", ...}`` (env: ``h1=unix:///...,h2=...``):
+    host id -> the URL of that host's engine (unix://, tcp:// or ssh://)."""
+    if isinstance(v, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            k, sep, url = part.partition("=")
+            if not sep:
+                raise ValueError(f"expected host=URL, got {part!r}")
+            pairs.append((k.strip(), url.strip()))
+    elif isinstance(v, Mapping):
+        pairs = [(str(k), v[k]) for k in v]
+    else:
+        raise ValueError('expected a table of host = "unix:///path/docker.sock"')
+    out = {}
+    for host, url in pairs:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", host):
+            raise ValueError(f"host id {host!r}: letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(url, str) or not re.match(r"^(unix:///|tcp://|ssh://).+", url):
+            raise ValueError(f"host {host}: expected unix:///PATH, tcp://HOST:PORT or ssh://HOST, got {url!r}")
+        out[host] = url
+    return out
+
+
 def _url(v: Any) -> str:
     s = _str(v)
     if s and not re.match(r"^(https?|redis|rediss|unix)://", s):
@@ -245,6 +269,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("quota", "flavors", _flavors, (), "named sizes: a table name = \"MEMORY,CPUS\", e.g. small = \"512m,0.5\""),
     Option("quota", "flavor_required", _bool, False, "every container's memory and CPUs must be one of the flavors"),
     Option("quota", "default_flavor", _str, "", "the flavor the name scoper gives a container that sets no size (with flavor_required)"),
+    # -- fdcs-manage (the site administrators' tool) and the audit stream it reads --------
+    Option("plugin", "audit_stream_maxlen", _int, 100000, "audit lines kept (approximately) in the Redis stream fdcs:audit that fdcs-manage audit reads (0: no stream)"),
+    Option("manage", "engines", _engine_map, {}, "every host's engine: a table host id = \"unix:///run/docker.sock\" (empty: this host's reconciler.engine_socket only)"),
+    Option("manage", "keystone_user", _str, "admin", "Keystone user fdcs-manage looks projects up as (a site administrator)"),
+    Option("manage", "keystone_user_domain", _str, "Default", "that user's domain name"),
+    Option("manage", "keystone_password_file", _str, "", "root-only file with that user's password (empty: OS_PASSWORD from the environment)"),
+    Option("manage", "keystone_project", _str, "", "project id that user's token is scoped to (empty: keystone.admin_project_id)"),
 )
 
 _BY_NAME = {o.dotted: o for o in OPTIONS}
@@ -340,6 +371,8 @@ def load(
                           f"quota.flavors ({', '.join(names) or 'none'})")
     if (values["quota.flavor_required"] or values["quota.flavors"]) and not values["quota.enabled"]:
         raise ConfigError("options quota.flavors and quota.flavor_required need quota.enabled = true")
+    if values["plugin.audit_stream_maxlen"] < 0:
+        raise ConfigError("option plugin.audit_stream_maxlen: must be 0 (no stream) or more")
     for key in ("plugin.workers", "plugin.threads", "keystone.cache_size"):
         if values[key] < 1:
             raise ConfigError(f"option {key}: must be at least 1")

@@ -32,6 +32,10 @@ key                               type    content
                                           reconciler, after a full pass)
 ``fdcs:suspended``                hash    tenant -> JSON ``{"at", "by", "reason"}``:
                                           every request of the tenant is refused
+``fdcs:adopted:<kind>``           hash    id -> ``<tenant> <host>``: an unlabelled
+                                          resource ``fdcs-manage adopt`` gave to
+                                          a tenant (the reconciler's rules read
+                                          it like a label)
 ================================  ======  =======================================
 
 Quota charges and usage (``fdcs:charge``, ``fdcs:usage:<tenant>``...) belong
@@ -403,6 +407,22 @@ class Store:
 
     def resume(self, tenant: str) -> bool:
         return bool(self._call(self.r.hdel, "fdcs:suspended", tenant))
+
+    def adopted(self) -> dict[str, dict[str, str]]:
+        """This host's adoptions (``fdcs-manage adopt``): kind -> id -> tenant."""
+        def run():
+            pipe = self.r.pipeline(transaction=False)
+            for kind in KINDS:
+                pipe.hgetall(f"fdcs:adopted:{kind}")
+            return pipe.execute()
+        out: dict[str, dict[str, str]] = {}
+        for kind, raw in zip(KINDS, self._call(run)):
+            out[kind] = {}
+            for id_, v in raw.items():
+                tenant, _, host = v.partition(" ")
+                if host == self.host:
+                    out[kind][id_] = tenant
+        return out
 
     def execs(self) -> dict[str, tuple[str, str]]:
         """Every exec record: id -> (tenant, container id)."""

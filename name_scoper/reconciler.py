@@ -101,6 +101,7 @@ class Reconciler:
                          for n in self.docker.api.networks()]
         snap.volumes = [{"Name": v["Name"], "Labels": v.get("Labels") or {}}
                         for v in (self.docker.api.volumes().get("Volumes") or [])]
+        snap.adopted = self.store.adopted()  # fdcs-manage adopt: owners no label gives
         return snap
 
     # -- writing ------------------------------------------------------------------
@@ -162,6 +163,7 @@ class Reconciler:
                     c = self._container(rid, {})
                     if c:
                         owner, _ = reconcile.container_owner(c)
+                        owner = owner or self.store.adopted()["container"].get(c["Id"])
                         if owner:
                             self.store.add("container", c["Id"], owner, c["Name"])
                         else:

@@ -638,7 +638,13 @@ class _Up:
                     'default_memory = "256m"\n'
                     'default_cpus = "1"\n'
                     'flavors = { small = "256m,0.5", medium = "512m,1", large = "1g,2" }\n'
+                    "\n[manage]\n"
+                    "# fdcs-manage reaches every host's engine, and Keystone as admin\n"
+                    "engines = { " + ", ".join(f'"{self.L.host(k).name}" = "unix://{self.L.host(k).engine_socket}"'
+                                               for k in range(1, self.n + 1)) + " }\n"
+                    f'keystone_password_file = "{self.L.root / "admin.password"}"\n'
                 )
+                write_if_changed(self.L.root / "admin.password", self.state["password"] + "\n", 0o600)
                 text = merge_local_conf(text, self.L.root / LOCAL_CONF)
                 self.conf_changed = write_if_changed(self.L.conf, text, 0o600)
                 try:
