@@ -27,6 +27,11 @@ key                               type    content
                                           containers and networks (reconciler):
                                           nobody's, though the engine matches
                                           them before an id prefix
+``fdcs:admitted:<key>``           string  ``<tenant> <user>`` a request was
+                                          admitted for (key: hashed token and
+                                          tenant claim, method, URI, body),
+                                          120 s: the response hook's identity
+                                          when Keystone cannot answer
 ``fdcs:reconciled``               hash    host -> time of its last complete
                                           reconcile (written only by the
                                           reconciler, after a full pass)
@@ -466,6 +471,19 @@ class Store:
 
     def add_exec(self, exec_id: str, tenant: str, container_id: str) -> None:
         self._call(self.r.set, f"fdcs:exec:{exec_id}", f"{tenant} {container_id}", ex=self.exec_ttl)
+
+    def remember_admission(self, key: str, tenant: str, user: str) -> None:
+        """The request hook admitted request ``key`` for ``tenant``
+        (``fdcs:admitted:<key>``, 120 s): the response hook's fallback when
+        Keystone cannot answer."""
+        self._call(self.r.set, f"fdcs:admitted:{key}", f"{tenant} {user}", ex=RESERVATION_TTL)
+
+    def admission(self, key: str) -> tuple[str, str] | None:
+        v = self._call(self.r.get, f"fdcs:admitted:{key}")
+        if not v:
+            return None
+        tenant, _, user = v.partition(" ")
+        return tenant, user
 
     def reserve_name(self, scoped: str) -> tuple[bool, str]:
         """Reserve a cluster-wide container name for this host; returns

@@ -36,13 +36,14 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import endpoints, rules
 from .audit import audit
 from .config import Config
-from .errors import (BadRequest, Denied, FdcsError, Forbidden, NotFound, Retry, StoreUnavailable, Suspended,
-                     Unsupported)
+from .errors import (BadRequest, Denied, FdcsError, Forbidden, IdentityUnavailable, NotFound, Retry,
+                     StoreUnavailable, Suspended, Unsupported)
 from .ownership import Store
 from .quota import KEEP, QuotaStore, fingerprint
 from .request import Request, parse
@@ -88,13 +89,21 @@ class Authorizer:
         plan = None
         try:
             req = self._parse(payload)
-            ident = self.identity.authenticate(req.headers)
-            who = {"tenant": ident.project_id, "user": ident.user_name}
-            if ident.is_admin:
-                result, reason = allow(), "admin"
+            if req.method in ("GET", "HEAD") and req.path == "/_ping":
+                # Anyone may ping: the answer is "OK" and the API version.
+                # Clients negotiate the version with it; a refused ping makes
+                # the docker CLI fall back to API 1.24 and show "version too
+                # old" instead of the real refusal of the next request.
+                result, reason = allow(), "ping"
             else:
-                plan = self._decide(req, ident, payload)
-                result, reason = allow(), "ok"
+                ident = self.identity.authenticate(req.headers)
+                who = {"tenant": ident.project_id, "user": ident.user_name}
+                if ident.is_admin:
+                    result, reason = allow(), "admin"
+                else:
+                    plan = self._decide(req, ident, payload)
+                    self._remember_admission(plan, ident, payload)
+                    result, reason = allow(), "ok"
         except FdcsError as e:
             result, reason = deny(str(e)), e.reason
         except Exception:  # an internal fault must never become an allow
@@ -116,7 +125,7 @@ class Authorizer:
             ep = endpoints.match(req.method, req.path)
             if ep is None or ep.action not in _RECORDING:
                 return allow()
-            ident = self.identity.authenticate(req.headers)
+            ident = self._response_identity(req, payload)
             who = {"tenant": ident.project_id, "user": ident.user_name}
             if ident.is_admin:
                 return allow()  # administrators' resources are adopted by the reconciler
@@ -184,6 +193,31 @@ class Authorizer:
                 self.quota.settle(fp, ok=False)  # the request will not run: give the units back
             raise
         return plan
+
+    # -- the response hook's identity ---------------------------------------------------
+
+    def _remember_admission(self, plan: rules.Plan, ident, payload: Mapping[str, Any]) -> None:
+        """A request whose response will be recorded: remember who it was
+        admitted for, so that the response hook can record it even when
+        Keystone cannot answer then (another worker, a token not in its cache)."""
+        if plan.record is None and plan.charge is None:
+            return
+        key = _admission_key(payload)
+        if key:
+            self.store.remember_admission(key, ident.project_id, ident.user_name)
+
+    def _response_identity(self, req: Request, payload: Mapping[str, Any]):
+        """The caller of a request being answered: the identity service, or,
+        when it is unavailable, what the request hook admitted this very
+        request for (same token, method, URI and body, within 120 s)."""
+        try:
+            return self.identity.authenticate(req.headers)
+        except IdentityUnavailable:
+            key = _admission_key(payload)
+            admitted = self.store.admission(key) if key else None
+            if admitted is None:
+                raise
+            return _Admitted(*admitted)
 
     # -- quotas ------------------------------------------------------------------------
 
@@ -330,6 +364,35 @@ class Authorizer:
                 target = self._target("network", name)
                 if target:
                     self.store.remove("network", target)
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """The identity the request hook admitted a request for (tenant only)."""
+
+    project_id: str
+    user_name: str
+    is_admin: bool = False
+
+
+def _admission_key(payload: Mapping[str, Any]) -> str | None:
+    """Who sent this exact request: the token and tenant claim (hashed,
+    never stored), method, URI and body."""
+    import base64
+    import hashlib
+
+    token = claim = ""
+    for k, v in (payload.get("RequestHeaders") or {}).items():
+        if k.lower() == "x-auth-token":
+            token = str(v)
+        elif k.lower() == "x-auth-tenantid":
+            claim = str(v)
+    if not token:
+        return None
+    body = payload.get("RequestBody")
+    raw = base64.b64decode(body) if isinstance(body, str) and body else b""
+    who = hashlib.sha256(f"{token}\0{claim}".encode()).hexdigest()
+    return fingerprint(who, str(payload.get("RequestMethod") or ""), str(payload.get("RequestUri") or ""), raw)
 
 
 def _request_id(payload: Mapping[str, Any]) -> str:
