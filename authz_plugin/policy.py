@@ -177,9 +177,11 @@ class Authorizer:
 
     def _decide(self, req: Request, ident, fp_source: Mapping[str, Any]) -> rules.Plan:
         self._check_suspended(ident.project_id)
-        if not ident.may(req.method):
+        if not ident.may(req.method, req.path):
+            # a GET can write too (the websocket attach types into the container)
+            what = req.method if req.method not in ("GET", "HEAD") else f"{req.method} {req.path}, which writes to the container,"
             raise Forbidden(f"your role on project {ident.project_id} allows reading only "
-                            f"({req.method} needs the member role)")
+                            f"({what} needs the member role)")
         ep = endpoints.match(req.method, req.path)
         if ep is None:
             raise Unsupported(f"{req.method} {req.path} is not supported by this service")

@@ -61,6 +61,15 @@ def test_reader_reads_but_does_not_write(authz):
     denied(authz, "POST", f"{V}/containers/create?name={TA}_x", good(), token="tok-dave", match="reading only")
 
 
+def test_reader_may_not_open_the_websocket_attach(authz, store):
+    # a GET, but the engine always attaches stdin to it: a write
+    cid = create_container(authz, store, name=f"{TA}_ws")
+    denied(authz, "GET", f"{V}/containers/{cid}/attach/ws?stream=1&stdin=1", token="tok-dave",
+           match="writes to the container")
+    allowed(authz, "GET", f"{V}/containers/{cid}/json", token="tok-dave")
+    allowed(authz, "GET", f"{V}/containers/{cid}/attach/ws?stream=1&stdin=1")  # a member may
+
+
 def test_admin_may_do_anything_without_redis(authz, store):
     store.r.connection_pool.disconnect()
     store.r.ping = None
