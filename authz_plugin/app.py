@@ -59,7 +59,11 @@ def build_authorizer(cfg: Config):
     from .ownership import Store
     from .policy import Authorizer
 
-    return Authorizer(cfg, IdentityService(cfg), Store.from_config(cfg))
+    from . import audit_stream
+
+    store = Store.from_config(cfg)
+    audit_stream.install(store.r, cfg["plugin.audit_stream_maxlen"])  # fdcs-manage audit reads it
+    return Authorizer(cfg, IdentityService(cfg), store)
 
 
 def create_app(cfg: Config, authorizer=None) -> Flask:

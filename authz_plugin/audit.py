@@ -10,7 +10,9 @@ authentication, role, unsupported, bad-request, redis-unavailable, ...),
 
 Never a token, a password or a body: the line is built only from the fields
 above.  Each decision also counts in the metrics (``metrics.decision``:
-``fdcs_authz_decisions_total{hook,result,reason}`` and the hook latency).
+``fdcs_authz_decisions_total{hook,result,reason}`` and the hook latency),
+and each line is copied to the Redis stream ``fdcs:audit`` when the plugin
+installed one (``audit_stream.py``; never blocks the decision).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import time
 from typing import Any, Mapping
 
-from . import metrics
+from . import audit_stream, metrics
 
 log = logging.getLogger("fdcs.audit")
 
@@ -29,7 +31,7 @@ def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str
           result: Mapping[str, Any], reason: str, t0: float) -> None:
     # the metrics count every decision, whatever the log level
     metrics.decision(hook, bool(result.get("Allow")), reason, time.perf_counter() - t0)
-    if not log.isEnabledFor(logging.INFO):
+    if not log.isEnabledFor(logging.INFO) and not audit_stream.active():
         return
     line = {
         "ts": round(time.time(), 3),
@@ -46,4 +48,6 @@ def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str
     }
     if not result.get("Allow"):
         line["msg"] = result.get("Msg", "")
-    log.info(json.dumps(line, separators=(",", ":")))
+    text = json.dumps(line, separators=(",", ":"))
+    audit_stream.submit(text)
+    log.info(text)

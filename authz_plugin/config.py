@@ -126,6 +126,67 @@ def _metrics_listen(v: Any) -> str:
     return s
 
 
+def _limit(parse: Callable[[Any], int]) -> Callable[[Any], int]:
+    """A quota limit: ``unlimited`` (or -1) or a value ``parse`` reads."""
+    def read(v: Any) -> int:
+        if v == -1 or (isinstance(v, str) and v.strip().lower() in ("unlimited", "-1")):
+            return -1
+        n = parse(v)
+        if n < 0:
+            raise ValueError(f"expected 'unlimited' or a value of at least 0, got {v!r}")
+        return n
+    return read
+
+
+def _cpus(v: Any) -> int:
+    from .quota import parse_cpus  # nano-CPUs
+    return parse_cpus(v)
+
+
+def _flavors(v: Any) -> tuple:
+    """``{small = "512m,0.5", ...}`` (env: ``small=512m/0.5,...``)."""
+    from .quota import parse_flavor
+    if isinstance(v, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            k, sep, spec = part.partition("=")
+            if not sep:
+                raise ValueError(f"expected name=MEMORY/CPUS, got {part!r}")
+            pairs.append((k.strip(), spec.replace("/", ",")))
+    elif isinstance(v, Mapping):
+        pairs = [(str(k), str(spec)) for k, spec in v.items()]
+    else:
+        raise ValueError("expected a table of name = \"MEMORY,CPUS\"")
+    for name, _ in pairs:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,31}", name):
+            raise ValueError(f"flavor name {name!r}: lower-case letters, digits, '_', '.', '-'")
+    return tuple(parse_flavor(name, spec) for name, spec in pairs)
+
+
+def _engine_map(v: Any) -> dict[str, str]:
+    """``{h1 = "unix:///run/docker.sock", ...}`` (env: ``h1=unix:///...,h2=...``):
+    host id -> the URL of that host's engine (unix://, tcp:// or ssh://)."""
+    if isinstance(v, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            k, sep, url = part.partition("=")
+            if not sep:
+                raise ValueError(f"expected host=URL, got {part!r}")
+            pairs.append((k.strip(), url.strip()))
+    elif isinstance(v, Mapping):
+        pairs = [(str(k), v[k]) for k in v]
+    else:
+        raise ValueError('expected a table of host = "unix:///path/docker.sock"')
+    out = {}
+    for host, url in pairs:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", host):
+            raise ValueError(f"host id {host!r}: letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(url, str) or not re.match(r"^(unix:///|tcp://|ssh://).+", url):
+            raise ValueError(f"host {host}: expected unix:///PATH, tcp://HOST:PORT or ssh://HOST, got {url!r}")
+        out[host] = url
+    return out
+
+
 def _url(v: Any) -> str:
     s = _str(v)
     if s and not re.match(r"^(https?|redis|rediss|unix)://", s):
@@ -212,6 +273,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("policy", "default_runtime", _str, "runc", "the only OCI runtime a tenant may name"),
     Option("policy", "registries", _strlist, ("docker.io",), "registries tenants may pull from, search and log in to"),
     Option("policy", "container_names", _str, "cluster", "'cluster': a tenant's container names are unique across all hosts; 'host': per host"),
+    # -- quotas (limits are per tenant; fdcs-manage quota set overrides them per tenant) ----------
+    Option("quota", "enabled", _bool, False, "account every tenant's containers, memory, CPUs, volumes and networks, and enforce the limits below"),
+    Option("quota", "containers", _limit(_int), -1, "default limit on a tenant's containers, on all hosts together ('unlimited' or -1: none)"),
+    Option("quota", "memory", _limit(parse_size), -1, "default limit on the sum of a tenant's HostConfig.Memory, e.g. 16g"),
+    Option("quota", "cpus", _limit(_cpus), -1, "default limit on the sum of a tenant's CPUs (NanoCpus, or CpuQuota/CpuPeriod), e.g. 8"),
+    Option("quota", "volumes", _limit(_int), -1, "default limit on a tenant's named volumes"),
+    Option("quota", "networks", _limit(_int), -1, "default limit on a tenant's networks (its default network counts)"),
+    Option("quota", "default_memory", parse_size, 0, "HostConfig.Memory the name scoper gives a container that sets none (0: none)"),
+    Option("quota", "default_cpus", _cpus, 0, "CPUs the name scoper gives a container that sets none (0: none)"),
+    Option("quota", "flavors", _flavors, (), "named sizes: a table name = \"MEMORY,CPUS\", e.g. small = \"512m,0.5\""),
+    Option("quota", "flavor_required", _bool, False, "every container's memory and CPUs must be one of the flavors"),
+    Option("quota", "default_flavor", _str, "", "the flavor the name scoper gives a container that sets no size (with flavor_required)"),
+    # -- fdcs-manage (the site administrators' tool) and the audit stream it reads --------
+    Option("plugin", "audit_stream_maxlen", _int, 100000, "audit lines kept (approximately) in the Redis stream fdcs:audit that fdcs-manage audit reads (0: no stream)"),
+    Option("manage", "engines", _engine_map, {}, "every host's engine: a table host id = \"unix:///run/docker.sock\" (empty: this host's reconciler.engine_socket only)"),
+    Option("manage", "keystone_user", _str, "admin", "Keystone user fdcs-manage looks projects up as (a site administrator)"),
+    Option("manage", "keystone_user_domain", _str, "Default", "that user's domain name"),
+    Option("manage", "keystone_password_file", _str, "", "root-only file with that user's password (empty: OS_PASSWORD from the environment)"),
+    Option("manage", "keystone_project", _str, "", "project id that user's token is scoped to (empty: keystone.admin_project_id)"),
 )
 
 _BY_NAME = {o.dotted: o for o in OPTIONS}
@@ -299,6 +379,16 @@ def load(
         raise ConfigError("option policy.container_names: expected 'cluster' or 'host'")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", values["host.id"]):
         raise ConfigError("option host.id: letters, digits, '_', '.', '-' (at most 64)")
+    if values["quota.flavor_required"] and not values["quota.flavors"]:
+        raise ConfigError("option quota.flavor_required needs quota.flavors")
+    names = [f.name for f in values["quota.flavors"]]
+    if values["quota.default_flavor"] and values["quota.default_flavor"] not in names:
+        raise ConfigError(f"option quota.default_flavor: {values['quota.default_flavor']!r} is not one of "
+                          f"quota.flavors ({', '.join(names) or 'none'})")
+    if (values["quota.flavor_required"] or values["quota.flavors"]) and not values["quota.enabled"]:
+        raise ConfigError("options quota.flavors and quota.flavor_required need quota.enabled = true")
+    if values["plugin.audit_stream_maxlen"] < 0:
+        raise ConfigError("option plugin.audit_stream_maxlen: must be 0 (no stream) or more")
     for key in ("plugin.workers", "plugin.threads", "keystone.cache_size"):
         if values[key] < 1:
             raise ConfigError(f"option {key}: must be at least 1")

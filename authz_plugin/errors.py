@@ -95,3 +95,16 @@ class Retry(Unavailable):
     """Ownership is being rebuilt; the reference is not known yet."""
 
     reason = "rebuilding"
+
+
+class QuotaExceeded(Denied):
+    """A create or update would take the tenant over a quota (or sets no
+    limit of a metric whose quota is finite)."""
+
+    reason = "quota"
+
+
+class Suspended(Forbidden):
+    """The tenant is suspended by the site administrators."""
+
+    reason = "suspended"

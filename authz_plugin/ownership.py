@@ -23,10 +23,30 @@ key                               type    content
                                           in flight for the name
 ``fdcs:exec:<id>``                string  ``<tenant> <container id>``, expires
                                           after ``redis.exec_ttl`` seconds
+``fdcs:unowned:<kind>:<host>``    set     engine names of the host's unowned
+                                          containers and networks (reconciler):
+                                          nobody's, though the engine matches
+                                          them before an id prefix
+``fdcs:admitted:<key>``           string  ``<tenant> <user>`` a request was
+                                          admitted for (key: hashed token and
+                                          tenant claim, method, URI, body),
+                                          120 s: the response hook's identity
+                                          when Keystone cannot answer
 ``fdcs:reconciled``               hash    host -> time of its last complete
                                           reconcile (written only by the
                                           reconciler, after a full pass)
+``fdcs:running:<host>``           hash    tenant -> running containers of the
+                                          host (written only by its reconciler)
+``fdcs:suspended``                hash    tenant -> JSON ``{"at", "by", "reason"}``:
+                                          every request of the tenant is refused
+``fdcs:adopted:<kind>``           hash    id -> ``<tenant> <host>``: an unlabelled
+                                          resource ``fdcs-manage adopt`` gave to
+                                          a tenant (the reconciler's rules read
+                                          it like a label)
 ================================  ======  =======================================
+
+Quota charges and usage (``fdcs:charge``, ``fdcs:usage:<tenant>``...) belong
+to :mod:`quota`; removing a record here also frees its charge.
 
 :meth:`Store.resolve` answers, in one round trip for any number of
 references, what the engine would resolve each to -- full id first, then an
@@ -44,11 +64,13 @@ Every Redis failure is raised as :class:`StoreUnavailable`; the caller denies.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import redis
 import redis.sentinel
 
+from . import metrics
 from .config import Config
 from .errors import StoreUnavailable
 
@@ -72,6 +94,7 @@ if owner then return {'id', ref, owner} end
 if kind == 'volume' then return {'none', ready} end
 local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
+if redis.call('SISMEMBER', 'fdcs:unowned:' .. kind .. ':' .. host, ref) == 1 then return {'name', '', ''} end
 if ARGV[4] ~= '1' then return {'none', ready} end
 local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
 if #ids == 0 then return {'none', ready} end
@@ -122,9 +145,31 @@ end
 return 1
 """
 
-_REMOVE = """
+# A removed resource no longer holds its quota charge (quota.py): whoever
+# removes the record (plugin, prune, reconciler) frees the tenant's units.
+_DISCHARGE = """
+local function discharge(kind, id)
+  local f = kind .. '/' .. id
+  if kind == '' then f = id end
+  local raw = redis.call('HGET', 'fdcs:charge', f)
+  if not raw then return end
+  local t, _, a, b, c, d, e = string.match(raw, '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (%S+)')
+  local v = {a, b, c, d, e}
+  local M = {'containers', 'memory', 'cpus', 'volumes', 'networks'}
+  for i = 1, 5 do
+    local x = tonumber(v[i])
+    if x and x ~= 0 then redis.call('HINCRBY', 'fdcs:usage:' .. t, M[i], -x) end
+  end
+  redis.call('HDEL', 'fdcs:charge', f)
+end
+"""
+
+_DROP_CHARGE = _DISCHARGE + "discharge('', ARGV[1])\nreturn 1\n"
+
+_REMOVE = _DISCHARGE + """
 local kind, id = ARGV[1], ARGV[2]
 local host = redis.call('HGET', 'fdcs:host:' .. kind, id) or ARGV[3]
+discharge(kind, id)
 local n = redis.call('HDEL', 'fdcs:own:' .. kind, id)
 redis.call('HDEL', 'fdcs:host:' .. kind, id)
 if kind ~= 'volume' then
@@ -235,6 +280,21 @@ def connect(cfg: Config) -> redis.Redis:
                                 decode_responses=True, health_check_interval=30)
 
 
+def call_redis(fn, *args, **kw):
+    """Run one Redis operation; every failure becomes :class:`StoreUnavailable`."""
+    try:
+        return fn(*args, **kw)
+    except redis.ResponseError as e:
+        # a refused command (out of memory, read-only replica, a script bug)
+        metrics.redis_error()
+        log.error("redis refused a command: %s", e)
+        raise StoreUnavailable("ownership store unavailable, retry") from e
+    except redis.RedisError as e:
+        metrics.redis_error()
+        log.warning("redis error: %s", e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+        raise StoreUnavailable("ownership store unavailable, retry") from e
+
+
 class Store:
     """Ownership records of one host's view; every method raises
     :class:`StoreUnavailable` on a Redis failure."""
@@ -250,21 +310,14 @@ class Store:
         self._tenant_ref = client.register_script(_TENANT_REF)
         self._reserve = client.register_script(_RESERVE)
         self._release = client.register_script(_RELEASE)
+        self._drop_charge = client.register_script(_DROP_CHARGE)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Store":
         return cls(connect(cfg), cfg["redis.exec_ttl"], cfg["host.id"])
 
     def _call(self, fn, *args, **kw):
-        try:
-            return fn(*args, **kw)
-        except redis.ResponseError as e:
-            # a refused command (out of memory, read-only replica, a script bug)
-            log.error("redis refused a command: %s", e)
-            raise StoreUnavailable("ownership store unavailable, retry") from e
-        except redis.RedisError as e:
-            log.warning("redis error: %s", e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
-            raise StoreUnavailable("ownership store unavailable, retry") from e
+        return call_redis(fn, *args, **kw)
 
     # -- reads ------------------------------------------------------------------
 
@@ -326,6 +379,61 @@ class Store:
             return {i: (o or "", n or "") for i, o, n in zip(ids, owners, names)}
         return self._call(run)
 
+    def all_records(self, kind: str) -> dict[str, tuple[str, str, str]]:
+        """Every host's records of ``kind``: id -> (tenant, host, name)."""
+        def run():
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hgetall(f"fdcs:own:{kind}")
+            pipe.hgetall(f"fdcs:host:{kind}")
+            pipe.hgetall(f"fdcs:nameof:{kind}")
+            owners, hosts, names = pipe.execute()
+            ids = set(owners) | set(hosts)
+            return {i: (owners.get(i, ""), hosts.get(i, ""), names.get(i, i if kind == "volume" else ""))
+                    for i in ids}
+        return self._call(run)
+
+    def hosts(self) -> dict[str, float]:
+        """Hosts that completed a reconcile since Redis last lost its data:
+        host -> time of the last complete pass."""
+        return {h: float(t) for h, t in self._call(self.r.hgetall, "fdcs:reconciled").items()}
+
+    # -- tenants' state ---------------------------------------------------------------
+
+    def suspended(self) -> dict[str, dict]:
+        """Suspended tenants: tenant -> {"at", "by", "reason"}."""
+        import json
+        out = {}
+        for t, v in self._call(self.r.hgetall, "fdcs:suspended").items():
+            try:
+                out[t] = json.loads(v)
+            except ValueError:
+                out[t] = {"reason": v}
+        return out
+
+    def suspend(self, tenant: str, by: str, reason: str) -> None:
+        import json
+        self._call(self.r.hset, "fdcs:suspended", tenant,
+                   json.dumps({"at": int(time.time()), "by": by, "reason": reason}))
+
+    def resume(self, tenant: str) -> bool:
+        return bool(self._call(self.r.hdel, "fdcs:suspended", tenant))
+
+    def adopted(self) -> dict[str, dict[str, str]]:
+        """This host's adoptions (``fdcs-manage adopt``): kind -> id -> tenant."""
+        def run():
+            pipe = self.r.pipeline(transaction=False)
+            for kind in KINDS:
+                pipe.hgetall(f"fdcs:adopted:{kind}")
+            return pipe.execute()
+        out: dict[str, dict[str, str]] = {}
+        for kind, raw in zip(KINDS, self._call(run)):
+            out[kind] = {}
+            for id_, v in raw.items():
+                tenant, _, host = v.partition(" ")
+                if host == self.host:
+                    out[kind][id_] = tenant
+        return out
+
     def execs(self) -> dict[str, tuple[str, str]]:
         """Every exec record: id -> (tenant, container id)."""
         def run():
@@ -369,6 +477,39 @@ class Store:
     def add_exec(self, exec_id: str, tenant: str, container_id: str) -> None:
         self._call(self.r.set, f"fdcs:exec:{exec_id}", f"{tenant} {container_id}", ex=self.exec_ttl)
 
+    def set_running(self, running: dict[str, int]) -> None:
+        """Replace this host's ``fdcs:running:<host>`` (tenant -> running
+        containers; the reconciler, after a full pass) in one transaction."""
+        key = f"fdcs:running:{self.host}"
+
+        def run():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.delete(key)
+            if running:
+                pipe.hset(key, mapping=running)
+            pipe.execute()
+        self._call(run)
+
+    def set_running_tenant(self, tenant: str, running: int) -> None:
+        """One tenant's running containers on this host (the reconciler, events)."""
+        if running:
+            self._call(self.r.hset, f"fdcs:running:{self.host}", tenant, running)
+        else:
+            self._call(self.r.hdel, f"fdcs:running:{self.host}", tenant)
+
+    def remember_admission(self, key: str, tenant: str, user: str) -> None:
+        """The request hook admitted request ``key`` for ``tenant``
+        (``fdcs:admitted:<key>``, 120 s): the response hook's fallback when
+        Keystone cannot answer."""
+        self._call(self.r.set, f"fdcs:admitted:{key}", f"{tenant} {user}", ex=RESERVATION_TTL)
+
+    def admission(self, key: str) -> tuple[str, str] | None:
+        v = self._call(self.r.get, f"fdcs:admitted:{key}")
+        if not v:
+            return None
+        tenant, _, user = v.partition(" ")
+        return tenant, user
+
     def reserve_name(self, scoped: str) -> tuple[bool, str]:
         """Reserve a cluster-wide container name for this host; returns
         ``(ok, other_host)``."""
@@ -377,6 +518,26 @@ class Store:
 
     def release_name(self, scoped: str) -> None:
         self._call(self._release, keys=[], args=[scoped, self.host])
+
+    def set_unowned_names(self, names: dict[str, set[str]]) -> None:
+        """Replace this host's names of unowned containers and networks
+        (reconciler, full pass).  The engine resolves an exact name before an
+        id prefix, so a hex-looking reference equal to such a name must never
+        be taken for a prefix of the caller's ids."""
+        def run():
+            pipe = self.r.pipeline(transaction=True)
+            for kind in KINDS_WITH_IDS:
+                key = f"fdcs:unowned:{kind}:{self.host}"
+                pipe.delete(key)
+                if names.get(kind):
+                    pipe.sadd(key, *sorted(names[kind]))
+            pipe.execute()
+        self._call(run)
+
+    def add_unowned_name(self, kind: str, name: str) -> None:
+        """One more unowned name (reconciler, events).  Names are removed only
+        by the next full pass: a stale one refuses, never allows."""
+        self._call(self.r.sadd, f"fdcs:unowned:{kind}:{self.host}", name)
 
     def mark_complete(self, when: float) -> None:
         """Called by the reconciler after a full pass over this host."""
@@ -389,9 +550,14 @@ class Store:
             for id_ in self.records(kind):
                 self.remove(kind, id_)
                 n += 1
+        for f, v in self._call(self.r.hgetall, "fdcs:charge").items():
+            if v.split(" ", 2)[1:2] == [self.host]:  # pending charges of the host
+                self._call(self._drop_charge, keys=[], args=[f])
         def run():
             self.r.delete(f"fdcs:ids:container:{self.host}", f"fdcs:ids:network:{self.host}",
-                          f"fdcs:names:container:{self.host}", f"fdcs:names:network:{self.host}")
+                          f"fdcs:names:container:{self.host}", f"fdcs:names:network:{self.host}",
+                          f"fdcs:unowned:container:{self.host}", f"fdcs:unowned:network:{self.host}")
             self.r.hdel("fdcs:reconciled", self.host)
+            self.r.delete(f"fdcs:running:{self.host}")
         self._call(run)
         return n

@@ -12,10 +12,15 @@ Order of a request decision, cheapest refusal first:
 1. canonicalise the request (bad paths, versions, content types: refused);
 2. authenticate (no valid identity: refused with the ``fdcs-login`` hint);
 3. administrators are allowed everything, without Redis;
-4. the role: reader-only users may GET and HEAD only;
-5. the endpoint table (unmatched: "not supported");
-6. the endpoint's rule (bodies, names, labels, limits);
-7. ownership of every reference, in one Redis round trip.
+4. a suspended tenant is refused everything (the suspended set is cached
+   for :data:`SUSPENSION_TTL` seconds per worker);
+5. the role: reader-only users may GET and HEAD only;
+6. the endpoint table (unmatched: "not supported");
+7. the endpoint's rule (bodies, names, labels, limits);
+8. ownership of every reference, in one Redis round trip;
+9. with quotas on, the quota admission of a create or update (one atomic
+   script: the charge is held from here until the response hook settles
+   it), then the cluster-wide name reservation.
 
 Any exception that is not an :class:`FdcsError` is an internal fault: it is
 logged with its cause and the request is denied ("internal error").  The
@@ -31,20 +36,27 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import endpoints, rules
 from .audit import audit
 from .config import Config
-from .errors import BadRequest, Denied, FdcsError, Forbidden, NotFound, Retry, StoreUnavailable, Unsupported
+from .errors import (BadRequest, Denied, FdcsError, Forbidden, IdentityUnavailable, NotFound, Retry,
+                     StoreUnavailable, Suspended, Unsupported)
 from .ownership import Store
+from .quota import KEEP, QuotaStore, fingerprint
 from .request import Request, parse
 from .scoping import TENANT_LABEL
 
 log = logging.getLogger(__name__)
 
 _RECORDING = frozenset({"container_create", "container_rename", "exec_create", "network_create",
-                        "volume_create", "own", "scoped"})
+                        "volume_create", "own", "scoped", "container_update"})
+
+#: seconds a worker trusts its copy of the suspended tenants (``fdcs-manage
+#: tenant suspend`` waits this long before it stops the tenant's containers)
+SUSPENSION_TTL = 2.0
 
 
 def allow(msg: str = "") -> dict[str, Any]:
@@ -64,6 +76,8 @@ class Authorizer:
         self.min_version = cfg["policy.min_api_version"]
         self.max_version = cfg["policy.max_api_version"]
         self.cluster_names = cfg["policy.container_names"] == "cluster"
+        self.quota = QuotaStore(store.r, self.policy.quota, store.host) if self.policy.quota.enabled else None
+        self._suspended: tuple[float, dict[str, dict]] = (0.0, {})
 
     # -- protocol entry points ------------------------------------------------
 
@@ -75,13 +89,21 @@ class Authorizer:
         plan = None
         try:
             req = self._parse(payload)
-            ident = self.identity.authenticate(req.headers)
-            who = {"tenant": ident.project_id, "user": ident.user_name}
-            if ident.is_admin:
-                result, reason = allow(), "admin"
+            if req.method in ("GET", "HEAD") and req.path == "/_ping":
+                # Anyone may ping: the answer is "OK" and the API version.
+                # Clients negotiate the version with it; a refused ping makes
+                # the docker CLI fall back to API 1.24 and show "version too
+                # old" instead of the real refusal of the next request.
+                result, reason = allow(), "ping"
             else:
-                plan = self._decide(req, ident)
-                result, reason = allow(), "ok"
+                ident = self.identity.authenticate(req.headers)
+                who = {"tenant": ident.project_id, "user": ident.user_name}
+                if ident.is_admin:
+                    result, reason = allow(), "admin"
+                else:
+                    plan = self._decide(req, ident, payload)
+                    self._remember_admission(plan, ident, payload)
+                    result, reason = allow(), "ok"
         except FdcsError as e:
             result, reason = deny(str(e)), e.reason
         except Exception:  # an internal fault must never become an allow
@@ -103,21 +125,28 @@ class Authorizer:
             ep = endpoints.match(req.method, req.path)
             if ep is None or ep.action not in _RECORDING:
                 return allow()
-            ident = self.identity.authenticate(req.headers)
+            ident = self._response_identity(req, payload)
             who = {"tenant": ident.project_id, "user": ident.user_name}
             if ident.is_admin:
                 return allow()  # administrators' resources are adopted by the reconciler
             plan = rules.plan(req, ep, endpoints.params(ep, req.path), ident.project_id, self.policy)
+            fp = self._fingerprint(ident.project_id, payload) if self.quota and plan.charge else None
             if status not in (200, 201, 204):
                 self._release(plan)  # the create or rename failed: free its name
+                if fp:
+                    self.quota.settle(fp, ok=False)  # and its quota units
                 return allow()
             if ep.action == "scoped":
                 if req.path.endswith("/prune"):
                     self._record_prune(req.path, payload)
                 return allow()
             if plan.record is None:
+                if fp:  # an update: its new size becomes the charge
+                    self.quota.settle(fp, ok=True, vec=plan.charge[1])
                 return allow()
-            self._record(plan.record, ident.project_id, payload, status)
+            created = self._record(plan.record, ident.project_id, payload, status)
+            if fp:
+                self._settle_create(fp, plan, created)
             result, reason = allow(), "recorded"
         except FdcsError as e:
             msg = f"the request succeeded but its ownership could not be recorded ({e}); it will be adopted from its labels"
@@ -135,17 +164,100 @@ class Authorizer:
                      payload.get("RequestHeaders") or {}, payload.get("RequestBody"),
                      self.min_version, self.max_version)
 
-    def _decide(self, req: Request, ident) -> rules.Plan:
-        if not ident.may(req.method):
+    def _check_suspended(self, tenant: str) -> None:
+        expires, suspended = self._suspended
+        now = time.monotonic()
+        if now >= expires:
+            suspended = self.store.suspended()
+            self._suspended = (now + SUSPENSION_TTL, suspended)
+        if tenant in suspended:
+            reason = suspended[tenant].get("reason") or "no reason given"
+            raise Suspended(f"project {tenant} is suspended by the site administrators ({reason}); "
+                            "contact them to have it resumed")
+
+    def _decide(self, req: Request, ident, fp_source: Mapping[str, Any]) -> rules.Plan:
+        self._check_suspended(ident.project_id)
+        if not ident.may(req.method, req.path):
+            # a GET can write too (the websocket attach types into the container)
+            what = req.method if req.method not in ("GET", "HEAD") else f"{req.method} {req.path}, which writes to the container,"
             raise Forbidden(f"your role on project {ident.project_id} allows reading only "
-                            f"({req.method} needs the member role)")
+                            f"({what} needs the member role)")
         ep = endpoints.match(req.method, req.path)
         if ep is None:
             raise Unsupported(f"{req.method} {req.path} is not supported by this service")
         plan = rules.plan(req, ep, endpoints.params(ep, req.path), ident.project_id, self.policy)
         self._check_needs(plan.needs, ident.project_id)
-        self._reserve(plan)
+        fp = self._admit(plan, ident.project_id, fp_source)
+        try:
+            self._reserve(plan)
+        except Exception:
+            if fp:
+                self.quota.settle(fp, ok=False)  # the request will not run: give the units back
+            raise
         return plan
+
+    # -- the response hook's identity ---------------------------------------------------
+
+    def _remember_admission(self, plan: rules.Plan, ident, payload: Mapping[str, Any]) -> None:
+        """A request whose response will be recorded: remember who it was
+        admitted for, so that the response hook can record it even when
+        Keystone cannot answer then (another worker, a token not in its cache)."""
+        if plan.record is None and plan.charge is None:
+            return
+        key = _admission_key(payload)
+        if key:
+            self.store.remember_admission(key, ident.project_id, ident.user_name)
+
+    def _response_identity(self, req: Request, payload: Mapping[str, Any]):
+        """The caller of a request being answered: the identity service, or,
+        when it is unavailable, what the request hook admitted this very
+        request for (same token, method, URI and body, within 120 s)."""
+        try:
+            return self.identity.authenticate(req.headers)
+        except IdentityUnavailable:
+            key = _admission_key(payload)
+            admitted = self.store.admission(key) if key else None
+            if admitted is None:
+                raise
+            return _Admitted(*admitted)
+
+    # -- quotas ------------------------------------------------------------------------
+
+    def _fingerprint(self, tenant: str, payload: Mapping[str, Any]) -> str:
+        import base64
+        body = payload.get("RequestBody")
+        raw = base64.b64decode(body) if isinstance(body, str) and body else b""
+        return fingerprint(tenant, str(payload.get("RequestMethod") or ""), str(payload.get("RequestUri") or ""), raw)
+
+    def _update_target(self, plan: rules.Plan) -> str:
+        ref = plan.needs[0].ref
+        res = self.store.resolve([("container", ref, True)])[0]
+        if res.target is None:
+            if res.how == "none" and not res.complete:
+                raise Retry("ownership records are being rebuilt after a restart of the ownership store; "
+                            "retry in a moment")
+            raise NotFound(endpoints.MISSING["container"].format(ref=ref))
+        return res.target
+
+    def _admit(self, plan: rules.Plan, tenant: str, payload: Mapping[str, Any]) -> str | None:
+        """Hold the plan's quota charge (or raise QuotaExceeded); returns the
+        request's fingerprint when a charge is held."""
+        if self.quota is None or plan.charge is None:
+            return None
+        fp = self._fingerprint(tenant, payload)
+        if plan.charge[0] == "update":
+            target = self._update_target(plan)
+            vec = plan.charge[1]
+            if self.policy.quota.flavor_required and (vec[1] != KEEP or vec[2] != KEEP):
+                held = self.quota.charge(f"container/{target}")
+                old = held[2] if held else (1, 0, 0, 0, 0)
+                self.policy.quota.check_update_flavor(vec[1] if vec[1] != KEEP else old[1],
+                                                      vec[2] if vec[2] != KEEP else old[2])
+            self.quota.admit(tenant, fp, vec, update_of=target)
+        else:
+            _, vec, volumes = plan.charge
+            self.quota.admit(tenant, fp, vec, volumes=volumes)
+        return fp
 
     def _reserved_name(self, plan: rules.Plan) -> str | None:
         if not self.cluster_names or plan.record is None:
@@ -192,19 +304,41 @@ class Authorizer:
         res = self.store.resolve([(kind, ref, kind in ("container", "network"))])[0]
         return res.target
 
-    def _record(self, record: tuple[str, dict[str, Any]], tenant: str, payload: Mapping[str, Any], status: int) -> None:
+    def _settle_create(self, fp: str, plan: rules.Plan, created: str | None) -> None:
+        """A create succeeded: its pending charge becomes the resource's."""
+        what = plan.record[0]
+        if created is None:  # nothing of the tenant's was made (e.g. an existing volume of the same name)
+            self.quota.settle(fp, ok=False)
+        elif what == "container":
+            _, vec, volumes = plan.charge
+            self.quota.settle(fp, ok=True, final=f"container/{created}", vec=(1, vec[1], vec[2], 0, 0),
+                              volumes=volumes)
+        elif what == "volume":
+            self.quota.settle(fp, ok=True, final=f"volume/{created}", vec=(0, 0, 0, 1, 0))
+        elif what == "network":
+            self.quota.settle(fp, ok=True, final=f"network/{created}", vec=(0, 0, 0, 0, 1))
+
+    def _record(self, record: tuple[str, dict[str, Any]], tenant: str, payload: Mapping[str, Any],
+                status: int) -> str | None:
+        """Record what a successful request made or changed; returns the id
+        (volume: name) of a resource it created for the tenant."""
         what, spec = record
         body = _response_json(payload) if status == 201 else {}
         if what == "container" and status == 201:
-            self.store.add("container", _id(body), tenant, spec["name"] or "")
+            cid = _id(body)
+            self.store.add("container", cid, tenant, spec["name"] or "")
             for volume in spec["volumes"]:
                 self.store.add_volume_if_new(volume, tenant)
+            return cid
         elif what == "network" and status == 201:
-            self.store.add("network", _id(body), tenant, spec["name"])
+            nid = _id(body)
+            self.store.add("network", nid, tenant, spec["name"])
+            return nid
         elif what == "volume" and status == 201:
             labels = body.get("Labels") or {}
             if body.get("Name") == spec["name"] and labels.get(TENANT_LABEL) == tenant:
                 self.store.add_volume_if_new(spec["name"], tenant)
+                return spec["name"]
         elif what == "exec" and status == 201:
             container = self._target("container", spec["container"]) or spec["container"]
             self.store.add_exec(_id(body), tenant, container)
@@ -217,6 +351,7 @@ class Authorizer:
             target = spec["ref"] if kind == "volume" else self._target(kind, spec["ref"])
             if target:
                 self.store.remove(kind, target)
+        return None
 
     def _record_prune(self, path: str, payload: Mapping[str, Any]) -> None:
         body = _response_json(payload)
@@ -231,6 +366,35 @@ class Authorizer:
                 target = self._target("network", name)
                 if target:
                     self.store.remove("network", target)
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """The identity the request hook admitted a request for (tenant only)."""
+
+    project_id: str
+    user_name: str
+    is_admin: bool = False
+
+
+def _admission_key(payload: Mapping[str, Any]) -> str | None:
+    """Who sent this exact request: the token and tenant claim (hashed,
+    never stored), method, URI and body."""
+    import base64
+    import hashlib
+
+    token = claim = ""
+    for k, v in (payload.get("RequestHeaders") or {}).items():
+        if k.lower() == "x-auth-token":
+            token = str(v)
+        elif k.lower() == "x-auth-tenantid":
+            claim = str(v)
+    if not token:
+        return None
+    body = payload.get("RequestBody")
+    raw = base64.b64decode(body) if isinstance(body, str) and body else b""
+    who = hashlib.sha256(f"{token}\0{claim}".encode()).hexdigest()
+    return fingerprint(who, str(payload.get("RequestMethod") or ""), str(payload.get("RequestUri") or ""), raw)
 
 
 def _request_id(payload: Mapping[str, Any]) -> str:

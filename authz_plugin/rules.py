@@ -24,8 +24,9 @@ from . import gojson, shapes
 from .config import Config
 from .endpoints import Endpoint
 from .errors import BadRequest, Denied, NotFound
+from .quota import QuotaPolicy
 from .request import Request
-from .scoping import LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, is_scoped_for, looks_like_id, unscope
+from .scoping import LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, is_scoped_for, looks_like_id, unscope, valid_name
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Policy:
     host_port_range: tuple[int, int] = (30000, 32767)
     default_runtime: str = "runc"
     registries: frozenset[str] = frozenset({"docker.io"})
+    quota: QuotaPolicy = field(default_factory=QuotaPolicy)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Policy":
@@ -56,6 +58,7 @@ class Policy:
             host_port_range=cfg["policy.host_port_range"],
             default_runtime=cfg["policy.default_runtime"],
             registries=frozenset(_norm_registry(r) for r in cfg["policy.registries"]),
+            quota=QuotaPolicy.from_config(cfg),
         )
 
 
@@ -80,6 +83,8 @@ class Plan:
     record: tuple[str, dict[str, Any]] | None = None
     #: the resource the audit line names
     resource: str = ""
+    #: quota charge (quotas on): ("create", vector, named volumes) or ("update", vector)
+    charge: tuple | None = None
 
 
 # -- helpers -------------------------------------------------------------------
@@ -141,13 +146,31 @@ def _ref_need(kind: str, ref: str, where: str) -> Need:
     return Need(kind, ref, where)
 
 
+def _link_need(link: str, where: str) -> Need:
+    """A link ``name[:alias]``: the name must be the caller's, the alias a
+    plain name.  For a container not on a user-defined network the engine
+    reserves the container name ``path.Join(<its name>, alias)`` for the
+    link's target (``opts.ParseLink``, ``daemon.registerLink``): an alias such
+    as ``../<tenant>_web`` would give another tenant's scoped name to one of
+    the caller's containers."""
+    name, sep, alias = link.partition(":")
+    if sep:
+        if name.startswith("/"):
+            alias = alias.rpartition("/")[2]  # ParseLink keeps the last element only
+        if not valid_name(alias):
+            raise Denied(f"{where}: the link alias {alias!r} is not allowed "
+                         "(letters, digits, '_', '.' and '-', starting with a letter or digit)")
+    return _ref_need("container", name.lstrip("/"), where)
+
+
 def _nonempty(value: Any) -> bool:
     return value not in (None, False, 0, "", [], {})
 
 
 # -- container create / update ------------------------------------------------
 
-_SECURITY_OPT_OK = re.compile(r"no-new-privileges(?:[=:](?:true|false))?")
+# only ever switched on: "=false" would override the engine-wide "no-new-privileges": true
+_SECURITY_OPT_OK = re.compile(r"no-new-privileges(?:[=:]true)?")
 _LOG_OPTS_OK = frozenset({"max-size", "max-file", "compress", "labels", "labels-regex", "env", "env-regex", "tag"})
 _ALWAYS_REFUSED_RESOURCES = (
     "BlkioWeightDevice", "BlkioDeviceReadBps", "BlkioDeviceWriteBps", "BlkioDeviceReadIOps",
@@ -284,7 +307,7 @@ def _endpoint(ep: dict[str, Any] | None, where: str, needs: list[Need]) -> None:
         if _nonempty(ep.get(key)):
             raise Denied(f"{where}.{key} is not allowed (addresses come from the network's pool)")
     for j, link in enumerate(ep.get("Links") or []):
-        needs.append(_ref_need("container", link.split(":", 1)[0].lstrip("/"), f"{where}.Links[{j}]"))
+        needs.append(_link_need(link, f"{where}.Links[{j}]"))
 
 
 def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
@@ -310,6 +333,8 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
             raise Denied(f"HostConfig.CapAdd {cap!r} is not allowed")
     for opt in hc.get("SecurityOpt") or []:
         if not _SECURITY_OPT_OK.fullmatch(opt):
+            if opt.startswith("no-new-privileges"):
+                raise Denied(f"HostConfig.SecurityOpt {opt!r} is not allowed (no-new-privileges can only be switched on)")
             raise Denied(f"HostConfig.SecurityOpt {opt.split('=')[0].split(':')[0]!r} is not allowed "
                          "(only no-new-privileges)")
     for key in ("MaskedPaths", "ReadonlyPaths"):
@@ -352,7 +377,7 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
     for i, vf in enumerate(hc.get("VolumesFrom") or []):
         needs.append(_ref_need("container", vf.split(":", 1)[0], f"HostConfig.VolumesFrom[{i}]"))
     for i, link in enumerate(hc.get("Links") or []):
-        needs.append(_ref_need("container", link.split(":", 1)[0].lstrip("/"), f"HostConfig.Links[{i}]"))
+        needs.append(_link_need(link, f"HostConfig.Links[{i}]"))
 
     endpoints = ((body.get("NetworkingConfig") or {}).get("EndpointsConfig")) or {}
     for net, ep in endpoints.items():
@@ -363,13 +388,19 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
             needs.append(_ref_need("network", net, where))
         _endpoint(ep, where, needs)
 
-    return Plan(needs, ("container", {"name": name, "volumes": volumes}), resource=name or "")
+    plan = Plan(needs, ("container", {"name": name, "volumes": volumes}), resource=name or "")
+    if policy.quota.enabled:
+        plan.charge = ("create", policy.quota.check_create(hc), tuple(volumes))
+    return plan
 
 
 def container_update(req: Request, tenant: str, policy: Policy, ref: str) -> Plan:
     body = gojson.decode(req.body, shapes.UPDATE_CONFIG)
     _resources(body, policy, "", update=True)
-    return Plan([_ref_need("container", ref, "path")], resource=ref)
+    plan = Plan([_ref_need("container", ref, "path")], resource=ref)
+    if policy.quota.enabled:
+        plan.charge = ("update", policy.quota.check_update(body))
+    return plan
 
 
 def container_rename(req: Request, tenant: str, policy: Policy, ref: str) -> Plan:
@@ -413,7 +444,10 @@ def network_create(req: Request, tenant: str, policy: Policy) -> Plan:
     ipam = body.get("IPAM") or {}
     if (ipam.get("Driver") or "default") != "default" or _nonempty(ipam.get("Config")) or _nonempty(ipam.get("Options")):
         raise Denied("IPAM configuration is not allowed (subnets come from the engine's address pools)")
-    return Plan([], ("network", {"name": name}), resource=name)
+    plan = Plan([], ("network", {"name": name}), resource=name)
+    if policy.quota.enabled:
+        plan.charge = ("create", (0, 0, 0, 0, 1), ())
+    return plan
 
 
 def network_connect(req: Request, tenant: str, policy: Policy, ref: str) -> Plan:
@@ -440,7 +474,10 @@ def volume_create(req: Request, tenant: str, policy: Policy) -> Plan:
         raise Denied(f"Driver {body['Driver']!r} is not allowed (local only)")
     if _nonempty(body.get("DriverOpts")):
         raise Denied("DriverOpts is not allowed (they mount host paths and devices)")
-    return Plan([], ("volume", {"name": name}), resource=name)
+    plan = Plan([], ("volume", {"name": name}), resource=name)
+    if policy.quota.enabled:
+        plan.charge = ("create", (0, 0, 0, 0, 0), (name,))  # one volume, unless it exists already
+    return plan
 
 
 # -- lists, prunes, events ---------------------------------------------------

@@ -18,6 +18,7 @@ filters, private registry credentials).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from authz_plugin import endpoints, shapes
 from authz_plugin.config import Config
 from authz_plugin.errors import BadRequest, FdcsError
+from authz_plugin.quota import QuotaPolicy
 from authz_plugin.request import parse as parse_request
 from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL, looks_like_id
 
@@ -52,6 +54,10 @@ class Context:
     #: tenants whose default network was seen recently: tenant -> monotonic time
     default_networks: dict[str, float] = field(default_factory=dict)
     default_network_ttl: float = 60.0
+
+    @functools.cached_property
+    def quota(self) -> QuotaPolicy:
+        return QuotaPolicy.from_config(self.cfg)
 
     @property
     def api_version(self) -> str:
@@ -136,7 +142,7 @@ async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) ->
     if now - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
         return
     name = scope.default_network
-    status, _, _ = await engine("GET", f"{V}/networks/{name}")
+    status, _, out = await engine("GET", f"{V}/networks/{name}")
     if status == 404:
         body = json.dumps({"Name": name, "CheckDuplicate": True, "Driver": "bridge",
                            "Labels": {TENANT_LABEL: scope.tenant, NAME_LABEL: rewrite.DEFAULT_NETWORK}}).encode()
@@ -144,7 +150,11 @@ async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) ->
         if status not in (201, 409):
             raise BadRequest(f"your default network could not be created: {rewrite.error(status, out, scope)[1].decode()}")
     elif status != 200:
-        raise BadRequest("your default network could not be checked, retry")
+        try:
+            reason = json.loads(rewrite.error(status, out, scope)[1])["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = f"the engine answered {status}"
+        raise BadRequest(f"your default network could not be checked ({reason}); retry")
     ctx.default_networks[scope.tenant] = now
 
 
@@ -255,7 +265,8 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
         # round trip each.
         def rewrite_body(body: bytes) -> bytes:
             resolver = lambda kind, ref: _resolve(ctx, scope, kind, ref)  # noqa: E731
-            return rewrite.container_create(body, scope, original, ctx.cfg["scoper.default_pids_limit"], resolver)[0]
+            return rewrite.container_create(body, scope, original, ctx.cfg["scoper.default_pids_limit"], resolver,
+                                            ctx.quota.create_defaults if ctx.quota.enabled else None)[0]
 
         ex.rewrite_body = rewrite_body
         # The tenant's default network must exist before the engine reads the

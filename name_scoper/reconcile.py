@@ -16,6 +16,10 @@ Rules (ARCHITECTURE.md, "Tenancy model"):
   requests can create the name); any other unlabelled volume (anonymous, an
   image ``VOLUME``) belongs to the tenant whose containers mount it, when
   that is exactly one tenant;
+* a resource without an owner by these rules that a site administrator
+  adopted (``fdcs-manage adopt``: Redis ``fdcs:adopted:<kind>``, id ->
+  tenant, since labels cannot be added to an existing resource) belongs to
+  that tenant; a label always wins over an adoption;
 * everything else is unowned: for administrators only, and reported.
 
 A container whose scoped name names another tenant than its label is a
@@ -37,12 +41,14 @@ class Snapshot:
 
     containers: ``{"Id", "Name" (without "/"), "Labels", "ImageLabels",
     "ExecIDs", "Volumes" (names of mounted volumes)}``; networks:
-    ``{"Id", "Name", "Labels"}``; volumes: ``{"Name", "Labels"}``.
+    ``{"Id", "Name", "Labels"}``; volumes: ``{"Name", "Labels"}``;
+    adopted: kind -> id (volume: name) -> tenant, the adoptions in Redis.
     """
 
     containers: list[dict] = field(default_factory=list)
     networks: list[dict] = field(default_factory=list)
     volumes: list[dict] = field(default_factory=list)
+    adopted: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,13 +90,23 @@ def container_owner(c: dict) -> tuple[str | None, str | None]:
     return t, None
 
 
-def desired(snap: Snapshot) -> Desired:
+def _adopter(adopted: dict[str, dict[str, str]], kind: str, id_: str) -> str | None:
+    t = adopted.get(kind, {}).get(id_)
+    return t if t and valid_tenant(t) else None
+
+
+def desired(snap: Snapshot, adopted: dict[str, dict[str, str]] | None = None) -> Desired:
+    """The records ``snap`` implies; ``adopted`` (default ``snap.adopted``):
+    kind -> id -> tenant, owners of resources no label gives one."""
+    adopted = snap.adopted if adopted is None else adopted
     out = Desired({"container": {}, "network": {}, "volume": {}}, {})
     mounts: dict[str, set[str]] = {}
     for c in snap.containers:
         owner, conflict = container_owner(c)
         if conflict:
             out.conflicts.append(conflict)
+        if owner is None:
+            owner = _adopter(adopted, "container", c["Id"])
         if owner is None:
             out.unowned.append(f"container {c.get('Name') or c['Id'][:12]}")
             continue
@@ -101,6 +117,8 @@ def desired(snap: Snapshot) -> Desired:
             mounts.setdefault(v, set()).add(owner)
     for n in snap.networks:
         owner = _tenant(n.get("Labels"))
+        if owner is None and n.get("Name") not in PREDEFINED_NETWORKS:
+            owner = _adopter(adopted, "network", n["Id"])
         if owner is None:
             if n.get("Name") not in PREDEFINED_NETWORKS:
                 out.unowned.append(f"network {n.get('Name')}")
@@ -108,7 +126,7 @@ def desired(snap: Snapshot) -> Desired:
         out.records["network"][n["Id"]] = (owner, n.get("Name") or "")
     for v in snap.volumes:
         name = v["Name"]
-        owner = _tenant(v.get("Labels"))
+        owner = _tenant(v.get("Labels")) or _adopter(adopted, "volume", name)
         if owner is None:
             parts = unscope(name)
             if parts:
@@ -120,6 +138,13 @@ def desired(snap: Snapshot) -> Desired:
             continue
         out.records["volume"][name] = (owner, "")
     return out
+
+
+def unowned_names(snap: Snapshot, want: Desired) -> dict[str, set[str]]:
+    """The engine names of the containers and networks ``want`` gives no
+    owner (the predefined networks among them)."""
+    return {kind: {r["Name"] for r in getattr(snap, kind + "s") if r["Id"] not in want.records[kind] and r.get("Name")}
+            for kind in ("container", "network")}
 
 
 def diff(want: Desired, have: dict[str, dict[str, tuple[str, str]]],

@@ -46,13 +46,13 @@ from authz_plugin.config import DEFAULT_PATH, load
 from authz_plugin.errors import ConfigError, FdcsError, StoreUnavailable
 from authz_plugin.ownership import Store
 from authz_plugin.scoping import TENANT_LABEL
+from authz_plugin.quota import QuotaPolicy, QuotaStore, nano_cpus, wanted_charges
 
 from . import reconcile
 
 log = logging.getLogger(__name__)
 
 #: hash: tenant -> running containers of the host (written only by its reconciler)
-RUNNING_KEY = "fdcs:running:{host}"
 #: container events that change a tenant's counts on the host
 _COUNTED = frozenset({"create", "start", "die", "destroy"})
 _EVENT_TYPES = frozenset({"container", "network", "volume", "image", "plugin", "daemon"})
@@ -92,9 +92,10 @@ def _admin_client(cfg):
 
 
 class Reconciler:
-    def __init__(self, client, store: Store):
+    def __init__(self, client, store: Store, quota: QuotaStore | None = None):
         self.docker = client
         self.store = store
+        self.quota = quota  # None: quotas off, no charges to correct
         self.lock = threading.Lock()  # one writer at a time: events vs full passes
         self._images: dict[str, dict] = {}  # image id -> labels, for the event-time recount
 
@@ -107,6 +108,7 @@ class Reconciler:
         except docker.errors.NotFound:
             return None
         image = c.get("Image") or ""
+        hc = c.get("HostConfig") or {}
         if image not in image_labels:
             try:
                 image_labels[image] = (self.docker.api.inspect_image(image).get("Config") or {}).get("Labels") or {}
@@ -115,6 +117,7 @@ class Reconciler:
         return {"Id": c["Id"], "Name": (c.get("Name") or "").lstrip("/"),
                 "Labels": (c.get("Config") or {}).get("Labels") or {}, "ImageLabels": image_labels[image],
                 "ExecIDs": c.get("ExecIDs") or [], "Running": bool((c.get("State") or {}).get("Running")),
+                "Size": (1, hc.get("Memory") or 0, nano_cpus(hc), 0, 0),
                 "Volumes": [m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume" and m.get("Name")]}
 
     def snapshot(self) -> reconcile.Snapshot:
@@ -128,6 +131,7 @@ class Reconciler:
                          for n in self.docker.api.networks()]
         snap.volumes = [{"Name": v["Name"], "Labels": v.get("Labels") or {}}
                         for v in (self.docker.api.volumes().get("Volumes") or [])]
+        snap.adopted = self.store.adopted()  # fdcs-manage adopt: owners no label gives
         return snap
 
     # -- writing ------------------------------------------------------------------
@@ -143,23 +147,10 @@ class Reconciler:
             self.store.remove("exec", eid)
 
     def _store_running(self, running: dict[str, int]) -> None:
-        """Replace this host's ``fdcs:running:<host>`` in one transaction."""
-        key = RUNNING_KEY.format(host=self.store.host)
-
-        def run():
-            pipe = self.store.r.pipeline(transaction=True)
-            pipe.delete(key)
-            if running:
-                pipe.hset(key, mapping=running)
-            pipe.execute()
-        self.store._call(run)
+        self.store.set_running(running)
 
     def _store_running_tenant(self, tenant: str, running: int) -> None:
-        key = RUNNING_KEY.format(host=self.store.host)
-        if running:
-            self.store._call(self.store.r.hset, key, tenant, running)
-        else:
-            self.store._call(self.store.r.hdel, key, tenant)
+        self.store.set_running_tenant(tenant, running)
 
     def _image_labels(self, image: str) -> dict:
         import docker.errors
@@ -199,12 +190,20 @@ class Reconciler:
                 # Records first, engine second: a resource created while the pass
                 # runs is then on the engine side (added, as the plugin did) and
                 # never read as a record the engine lacks (which would remove it).
+                # Quota charges likewise (compare-and-set against this read).
                 have = {kind: self.store.records(kind) for kind in ("container", "network", "volume")}
                 have_execs = self.store.execs()
+                charged = self.quota.charges(self.store.host) if self.quota else {}
                 snap = self.snapshot()
                 want = reconcile.desired(snap)
                 act = reconcile.diff(want, have, have_execs)
+                # before the records, so that no prefix is ever resolved without them
+                self.store.set_unowned_names(reconcile.unowned_names(snap, want))
                 self.apply(act)
+                quota_counts = {}
+                if self.quota:
+                    sizes = {c["Id"]: c["Size"] for c in snap.containers}
+                    quota_counts = self.quota.sync(charged, wanted_charges(want.records, sizes))
                 by_tenant = host_counts(snap.containers)
                 self._store_running({t: r for t, (_, r) in by_tenant.items() if r})
                 self.store.mark_complete(time.time())
@@ -224,6 +223,7 @@ class Reconciler:
         counts = {"host": self.store.host, "added": len(act.add), "removed": len(act.remove),
                   "execs_added": len(act.add_execs), "execs_removed": len(act.remove_execs),
                   "conflicts": len(want.conflicts), "unowned": len(want.unowned),
+                  **{f"charges_{k}": v for k, v in quota_counts.items()},
                   "ms": int((time.monotonic() - t0) * 1000)}
         for c in want.conflicts:
             log.warning("conflict: %s", c)
@@ -254,9 +254,11 @@ class Reconciler:
                     c = self._container(rid, {})
                     if c:
                         owner, _ = reconcile.container_owner(c)
+                        owner = owner or self.store.adopted()["container"].get(c["Id"])
                         if owner:
                             self.store.add("container", c["Id"], owner, c["Name"])
                         else:
+                            self.store.add_unowned_name("container", c["Name"])
                             self.store.remove("container", c["Id"])
                 elif action == "exec_create":
                     owner = self.store.owner("container", rid)
@@ -275,6 +277,8 @@ class Reconciler:
                     owner = reconcile._tenant(n.get("Labels"))
                     if owner:
                         self.store.add("network", n["Id"], owner, n["Name"])
+                    else:
+                        self.store.add_unowned_name("network", n["Name"])
             elif kind == "volume" and action in ("create", "destroy"):
                 if action == "destroy":
                     self.store.remove("volume", rid)
@@ -322,9 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.retire_host:
             cfg = load(args.config, overrides={"host.id": args.retire_host})
             try:
-                store = Store.from_config(cfg)
-                n = store.retire_host()
-                store._call(store.r.delete, RUNNING_KEY.format(host=store.host))
+                n = Store.from_config(cfg).retire_host()
             except FdcsError as e:
                 print(f"fdcs-reconciler: {e}", file=sys.stderr)
                 return 1
@@ -338,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     metrics.single_process()
     m = metrics.activate("reconciler")
-    rec = Reconciler(client, Store.from_config(cfg))
+    store = Store.from_config(cfg)
+    qpolicy = QuotaPolicy.from_config(cfg)
+    rec = Reconciler(client, store, QuotaStore(store.r, qpolicy, store.host) if qpolicy.enabled else None)
     if args.once:
         try:
             print(json.dumps(rec.full()))

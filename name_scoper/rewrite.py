@@ -113,13 +113,16 @@ def _volume_source(scope: Scope, source: str) -> str:
 
 
 def container_create(body: bytes, scope: Scope, name: str | None, pids_default: int,
-                     resolve: Callable[[str, str], str]) -> tuple[bytes, bool]:
+                     resolve: Callable[[str, str], str],
+                     size_defaults: Callable[[dict], dict] | None = None) -> tuple[bytes, bool]:
     """Rewrite a container-create body; returns the new body and whether the
     tenant's default network is used (the handler makes sure it exists).
 
     ``name`` is the original container name (None: the engine picks one).
     ``resolve(kind, ref)`` maps a reference to what the engine should see
     (scoped name, or the caller's full id for an id prefix).
+    ``size_defaults(host_config)`` (quotas on) names the memory and CPU
+    fields to add to a container that sets none (``QuotaPolicy.create_defaults``).
     """
     cfg = gojson.decode(body, shapes.CONTAINER_CREATE)
     if name is not None:
@@ -135,6 +138,8 @@ def container_create(body: bytes, scope: Scope, name: str | None, pids_default: 
         hc = cfg["HostConfig"] = {}
     if hc.get("PidsLimit") in (None, 0):
         hc["PidsLimit"] = pids_default
+    if size_defaults is not None:
+        hc.update(size_defaults(hc))
     if hc.get("Binds"):
         out = []
         for spec in hc["Binds"]:

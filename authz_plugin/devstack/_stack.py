@@ -309,7 +309,7 @@ class Stack:
             entries = set(os.listdir(self.dir))
         except FileNotFoundError:
             return
-        if entries and not entries & {"state.json", "logs", "run", "env"}:
+        if entries and not entries & {"state.json", "logs", "run", "env", LOCAL_CONF}:
             raise DevstackError(f"{self.dir} exists and is not an fdcs-devstack state dir; "
                                 "choose another --state-dir")
 
@@ -677,7 +677,20 @@ class _Up:
                     "\n[policy]\n"
                     "# the engines run with --log-opt max-size=" + _engine.LOG_MAX_SIZE + "\n"
                     f'log_max_size = "{_engine.LOG_MAX_SIZE}"\n'
+                    "\n[quota]\n"
+                    "# accounted and enforced; no default limits (fdcs-manage quota set adds them per tenant)\n"
+                    "enabled = true\n"
+                    'default_memory = "256m"\n'
+                    'default_cpus = "1"\n'
+                    'flavors = { small = "256m,0.5", medium = "512m,1", large = "1g,2" }\n'
+                    "\n[manage]\n"
+                    "# fdcs-manage reaches every host's engine, and Keystone as admin\n"
+                    "engines = { " + ", ".join(f'"{self.L.host(k).name}" = "unix://{self.L.host(k).engine_socket}"'
+                                               for k in range(1, self.n + 1)) + " }\n"
+                    f'keystone_password_file = "{self.L.root / "admin.password"}"\n'
                 )
+                write_if_changed(self.L.root / "admin.password", self.state["password"] + "\n", 0o600)
+                text = merge_local_conf(text, self.L.root / LOCAL_CONF)
                 self.conf_changed = write_if_changed(self.L.conf, text, 0o600)
                 try:
                     fdcs_config.load(str(self.L.conf), env={})
@@ -756,6 +769,49 @@ class _Up:
                if name in self.daemons and self.daemons[name].metrics},
         }
         return "".join(f"{k}={_quote(v)}\n" for k, v in values.items())
+
+
+#: site options merged over the generated fdcs.toml (trials and tests)
+LOCAL_CONF = "fdcs.local.toml"
+
+
+def merge_local_conf(text: str, local: Path) -> str:
+    """``text`` with the options of ``local`` (a TOML file, if it exists)
+    merged over it, option by option."""
+    import tomllib
+
+    if not local.exists():
+        return text
+    try:
+        extra = tomllib.loads(local.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise DevstackError(f"{local} cannot be read: {e}") from e
+    doc = tomllib.loads(text)
+    for section, table in extra.items():
+        if not isinstance(table, dict):
+            raise DevstackError(f"{local}: top-level key {section!r} must be a [section]")
+        doc.setdefault(section, {}).update(table)
+    lines = [f"# FDCS configuration of the local stack (written by fdcs-devstack, with {local.name})."]
+    for section, table in doc.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string is a JSON string for our values
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise DevstackError(f"cannot write {v!r} in fdcs.toml")
 
 
 def _quote(value: str) -> str:

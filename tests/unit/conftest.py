@@ -25,8 +25,8 @@ class FakeIdentity:
     is_admin: bool = False
     writer: bool = True
 
-    def may(self, method: str) -> bool:
-        return self.is_admin or self.writer or method in ("GET", "HEAD")
+    def may(self, method: str, path: str = "") -> bool:
+        return self.is_admin or self.writer or (method in ("GET", "HEAD") and not path.endswith("/attach/ws"))
 
 
 class FakeIdentityService:

@@ -61,6 +61,15 @@ def test_reader_reads_but_does_not_write(authz):
     denied(authz, "POST", f"{V}/containers/create?name={TA}_x", good(), token="tok-dave", match="reading only")
 
 
+def test_reader_may_not_open_the_websocket_attach(authz, store):
+    # a GET, but the engine always attaches stdin to it: a write
+    cid = create_container(authz, store, name=f"{TA}_ws")
+    denied(authz, "GET", f"{V}/containers/{cid}/attach/ws?stream=1&stdin=1", token="tok-dave",
+           match="writes to the container")
+    allowed(authz, "GET", f"{V}/containers/{cid}/json", token="tok-dave")
+    allowed(authz, "GET", f"{V}/containers/{cid}/attach/ws?stream=1&stdin=1")  # a member may
+
+
 def test_admin_may_do_anything_without_redis(authz, store):
     store.r.connection_pool.disconnect()
     store.r.ping = None
@@ -528,3 +537,48 @@ def test_a_failed_duplicate_on_the_same_host_keeps_the_reservation(authz, store,
     authz2.authz_response(payload("POST", uri2, good(), status=None, response=None))
     authz2.authz_response(payload("POST", uri2, good(), status=None, response=None))
     allowed(authz, "POST", uri2, good())
+
+
+# -- /_ping and the response hook's identity ---------------------------------------
+
+
+def test_anyone_may_ping_so_that_clients_negotiate_the_version(authz):
+    for uri in ("/_ping", f"{V}/_ping"):
+        assert req(authz, "GET", uri, token=None)["Allow"]
+        assert req(authz, "HEAD", uri, token="garbage")["Allow"]
+    denied(authz, "GET", f"{V}/info", token=None, match="fdcs-login")  # everything else still needs one
+    denied(authz, "POST", f"{V}/_ping", token=None)
+
+
+class _KeystoneDown:
+    """The fake identity service, with Keystone unreachable for tokens it has not seen."""
+
+    def __init__(self):
+        from .conftest import FakeIdentityService
+        self.inner = FakeIdentityService()
+        self.down = False
+
+    def authenticate(self, headers, source=""):
+        from authz_plugin.errors import IdentityUnavailable
+        if self.down:
+            raise IdentityUnavailable("identity service unavailable, retry later")
+        return self.inner.authenticate(headers, source)
+
+
+def test_a_create_is_recorded_even_when_keystone_fails_between_the_hooks(store):
+    from authz_plugin.policy import Authorizer
+
+    from .conftest import cfg
+    ident = _KeystoneDown()
+    authz = Authorizer(cfg(), ident, store)
+    uri = f"{V}/containers/create?name={TA}_web"
+    allowed(authz, "POST", uri, good())
+    ident.down = True
+    res = authz.authz_response(payload("POST", uri, good(), status=201, response={"Id": CID, "Warnings": []}))
+    assert res["Allow"], res
+    assert store.owner("container", CID) == TA
+    # a response no request hook admitted (another body) is not recorded on trust
+    other = good(Env=["X=1"])
+    res = authz.authz_response(payload("POST", uri, other, status=201, response={"Id": CID_B, "Warnings": []}))
+    assert not res["Allow"] and "identity service unavailable" in res["Msg"]
+    assert store.owner("container", CID_B) is None
