@@ -24,7 +24,9 @@ place:
 
 ``null`` decodes to ``None``: for Go it leaves a value or a pointer at its
 zero value, which the rules treat as "not set" -- except where the engine
-distinguishes nil from empty (``MaskedPaths``), which the rules check.
+distinguishes nil from empty (``MaskedPaths``), which the rules check.  A
+``null`` string, number or bool *inside* a list or map decodes to Go's zero
+value (``""``, ``0``, ``false``), as the engine stores it.
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ def _type_error(where: str, expected: str) -> BadRequest:
 
 
 class Scalar(Shape):
-    def __init__(self, name: str, check: Callable[[Any], bool]):
+    def __init__(self, name: str, check: Callable[[Any], bool], zero: Any = None):
         self.name = name
         self.check = check
+        #: Go's zero value: what a ``null`` element of a list or map becomes
+        self.zero = zero
 
     def decode(self, value, where, depth=0):
         if value is None:
@@ -104,13 +108,13 @@ def _int_range(lo: int, hi: int) -> Callable[[Any], bool]:
     return lambda v: type(v) is int and lo <= v <= hi
 
 
-STR = Scalar("a string", lambda v: isinstance(v, str))
-BOOL = Scalar("true or false", lambda v: isinstance(v, bool))
-INT64 = Scalar("an integer", _int_range(-(2**63), 2**63 - 1))
+STR = Scalar("a string", lambda v: isinstance(v, str), "")
+BOOL = Scalar("true or false", lambda v: isinstance(v, bool), False)
+INT64 = Scalar("an integer", _int_range(-(2**63), 2**63 - 1), 0)
 INT = INT64  # Go int on amd64
-UINT16 = Scalar("an integer 0-65535", _int_range(0, 2**16 - 1))
-UINT32 = Scalar("a non-negative integer", _int_range(0, 2**32 - 1))
-UINT64 = Scalar("a non-negative integer", _int_range(0, 2**64 - 1))
+UINT16 = Scalar("an integer 0-65535", _int_range(0, 2**16 - 1), 0)
+UINT32 = Scalar("a non-negative integer", _int_range(0, 2**32 - 1), 0)
+UINT64 = Scalar("a non-negative integer", _int_range(0, 2**64 - 1), 0)
 UINT = UINT64
 
 
@@ -139,6 +143,16 @@ class StrSlice(Shape):
         raise _type_error(where, "a string or a list of strings")
 
 
+def _element(shape: Shape, value: Any, where: str, depth: int) -> Any:
+    """One element of a list or map.  Go leaves a ``null`` element of a
+    string, number or bool at its zero value (``["x", null]`` is
+    ``["x", ""]``); so does this decoder, so that rules never meet a None
+    where the engine has a value."""
+    if value is None and isinstance(shape, Scalar):
+        return shape.zero
+    return shape.decode(value, where, depth)
+
+
 class List(Shape):
     def __init__(self, elem: Shape, max_len: int | None = None):
         self.elem = elem
@@ -151,7 +165,7 @@ class List(Shape):
             raise _type_error(where, "a list")
         if depth > _DEPTH_LIMIT:
             raise BadRequest(f"{where}: nested too deeply")
-        return [self.elem.decode(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        return [_element(self.elem, v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
 
 
 class Map(Shape):
@@ -171,7 +185,7 @@ class Map(Shape):
         for k, v in value:
             if k in out:
                 raise BadRequest(f"{where}: key {k!r} appears twice")
-            out[k] = self.elem.decode(v, f"{where}[{k!r}]", depth + 1)
+            out[k] = _element(self.elem, v, f"{where}[{k!r}]", depth + 1)
         return out
 
 

@@ -232,6 +232,11 @@ def _log_config(lc: dict[str, Any] | None, policy: Policy) -> None:
             if not value.isdigit() or not 0 < int(value) <= policy.log_max_file:
                 raise Denied(f"HostConfig.LogConfig.Config max-file {value!r} is not allowed "
                              f"(1 to {policy.log_max_file})")
+    if driver and "max-size" not in (lc.get("Config") or {}):
+        # a driver's own default may be over the cap (local: 20 MiB a file);
+        # only an empty Type gets the engine's default driver and options
+        raise Denied(f"HostConfig.LogConfig.Config max-size is required with the {driver!r} log driver "
+                     f"(at most {policy.log_max_size} bytes)")
 
 
 def _namespace_mode(value: str | None, field_name: str, allowed: tuple[str, ...], needs: list[Need],
@@ -361,7 +366,12 @@ def container_create(req: Request, tenant: str, policy: Policy) -> Plan:
     _namespace_mode(hc.get("IpcMode"), "IpcMode", ("", "none", "private", "shareable"), needs, container_ok=True)
     _namespace_mode(hc.get("UTSMode"), "UTSMode", ("",), needs, container_ok=False)
     _namespace_mode(hc.get("UsernsMode"), "UsernsMode", ("",), needs, container_ok=False)
-    _namespace_mode(hc.get("CgroupnsMode"), "CgroupnsMode", ("", "private"), needs, container_ok=False)
+    if not hc.get("CgroupnsMode"):
+        # left empty, the engine uses the host's cgroup namespace on a cgroup
+        # v1 host (its default there, and always for API < 1.41)
+        raise Denied("HostConfig.CgroupnsMode must be 'private' (add --cgroupns private; "
+                     "the name scoper sets it for you)")
+    _namespace_mode(hc.get("CgroupnsMode"), "CgroupnsMode", ("private",), needs, container_ok=False)
 
     mode = hc.get("NetworkMode") or ""
     if mode in ("", "default", "bridge"):

@@ -15,7 +15,7 @@ its own data-root, exec-root and socket) are measured side by side:
 * ``no-plugin`` -- no authorization plugin at all.
 
 On each, one equivalent container (``<tenant>_bench``, the tenant label,
-``--network none --pids-limit 100 busybox sleep 3600``; on ``fdcs`` created
+``--network none --pids-limit 100 --cgroupns private busybox sleep 3600``; on ``fdcs`` created
 as alice, so that the plugin records her ownership) is inspected through the
 engine's unix socket over persistent keep-alive connections, with alice's
 ``HttpHeaders`` on every request, by name (on ``fdcs`` the scoped name,
@@ -183,7 +183,8 @@ class Bench:
             # a kept stack may still hold the container of an interrupted run
             self._docker(label, "rm", "-f", self.name, check=False)
         cid = self._docker(label, "run", "-d", "--name", self.name, "--label", f"{TENANT_LABEL}={self.tenant}",
-                           "--network", "none", "--pids-limit", "100", "busybox", "sleep", "3600").strip()
+                           "--network", "none", "--pids-limit", "100", "--cgroupns", "private",
+                           "busybox", "sleep", "3600").strip()
         if label == "fdcs":
             self.fdcs_container = cid
         say(f"{label}: container {self.name} {cid[:12]}")

@@ -137,6 +137,14 @@ def _resolve(ctx: Context, scope: Scope, kind: str, ref: str) -> str:
     return value if how in ("id", "name") else ref
 
 
+def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
+    """Which of the listed container ids the ownership records give to the
+    caller (one blocking Redis round trip, like ``_resolve``): a label the
+    container inherited from its image is no proof of ownership."""
+    results = ctx.store.resolve([("container", i, False) for i in ids])
+    return {i for i, res in zip(ids, results) if res.owned_by(scope.tenant)}
+
+
 async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) -> None:
     now = time.monotonic()
     if now - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
@@ -252,7 +260,12 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
         else:
             fn = {"containers": rewrite.container_list, "networks": rewrite.network_list,
                   "volumes": rewrite.volume_list}[resource]
-            ex.response = Response(scope, cap, lambda b: fn(b, scope))
+            if resource == "containers":
+                def owned(ids: list[str]) -> set[str]:
+                    return _owned_containers(ctx, scope, ids)
+                ex.response = Response(scope, cap, lambda b: rewrite.container_list(b, scope, owned))
+            else:
+                ex.response = Response(scope, cap, lambda b: fn(b, scope))
     elif action == "container_create":
         name = req.q("name")
         original = None

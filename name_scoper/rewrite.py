@@ -140,6 +140,11 @@ def container_create(body: bytes, scope: Scope, name: str | None, pids_default: 
         hc["PidsLimit"] = pids_default
     if size_defaults is not None:
         hc.update(size_defaults(hc))
+    if not hc.get("CgroupnsMode"):
+        # Left empty, the engine picks the host's cgroup namespace on a
+        # cgroup v1 host (its default there, and forced for API < 1.41):
+        # every tenant container gets a namespace of its own instead.
+        hc["CgroupnsMode"] = "private"
     if hc.get("Binds"):
         out = []
         for spec in hc["Binds"]:
@@ -312,12 +317,23 @@ def _networks_out(scope: Scope, networks: dict | None) -> dict | None:
     return {scope.out(k): v for k, v in networks.items()}
 
 
-def container_list(body: bytes, scope: Scope) -> bytes:
+def container_list(body: bytes, scope: Scope, owned: Callable[[list[str]], set[str]] | None = None) -> bytes:
+    """The caller's containers of a list, names unscoped.
+
+    A container's labels include its image's: an administrator's container
+    started from an image that carries a tenant's label looks like that
+    tenant's.  ``owned(ids)``, when given, returns which of the ids the
+    ownership records give to the caller (the records ignore an inherited
+    label); the others are dropped too.
+    """
     items = json.loads(body)
+    items = [c for c in items if isinstance(c, dict)] if isinstance(items, list) else []
+    mine = [c for c in items if _labels_mine(scope, c.get("Labels"))]
+    if owned is not None and mine:
+        keep = owned([c.get("Id") or "" for c in mine])
+        mine = [c for c in mine if c.get("Id") in keep]
     out = []
-    for c in items if isinstance(items, list) else []:
-        if not _labels_mine(scope, c.get("Labels")):
-            continue
+    for c in mine:
         c["Names"] = [scope.out_path(n) for n in c.get("Names") or []]
         ns = c.get("NetworkSettings") or {}
         if "Networks" in ns:

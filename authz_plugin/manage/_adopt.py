@@ -15,9 +15,9 @@ Rebuilding the request (:func:`container_create_request`):
   requested settings only: ``IPAMConfig``, ``Links``, ``Aliases``) follow;
 * values the engine filled in at create are put back to "unset", per
   moby 20.10: ``MaskedPaths`` and ``ReadonlyPaths`` equal to the defaults
-  (daemon/create_unix.go), and ``CgroupnsMode`` ``host`` on a cgroup v1
-  engine (daemon_unix.go adaptContainerSettings gives it to every
-  container there);
+  (daemon/create_unix.go).  ``CgroupnsMode`` is kept as it is: a container
+  in the host's cgroup namespace (what a cgroup v1 engine gives every
+  container created without ``--cgroupns private``) is never a tenant's;
 * a key the request shapes do not know is dropped when it holds a zero
   value and refused otherwise (fail closed: a setting the rules cannot
   read is never waved through);
@@ -105,8 +105,6 @@ def container_create_request(c: Mapping[str, Any], tenant: str, cgroup_v1: bool)
         hc["MaskedPaths"] = None
     if hc.get("ReadonlyPaths") == DEFAULT_READONLY_PATHS:
         hc["ReadonlyPaths"] = None
-    if cgroup_v1 and hc.get("CgroupnsMode") == "host":
-        hc["CgroupnsMode"] = ""
     if not hc.get("PidsLimit"):
         raise Denied(f"container {name} has no PidsLimit, which the rules require: set one as administrator "
                      f"(docker update --pids-limit N {name}) and adopt it again")

@@ -70,7 +70,7 @@ def test_plugin_only_mode_refuses_what_the_scoper_would_have_sized(flavored):
     raw = Raw(flavored.env["FDCS_ENGINE_HOSTS"].split()[0].removeprefix("unix://"), cfg["HttpHeaders"])
     tenant = flavored.env["FDCS_TENANT_A"]
     body = {"Image": "busybox", "Cmd": ["true"], "Labels": {T: tenant},
-            "HostConfig": {"NetworkMode": "none", "PidsLimit": 10}}
+            "HostConfig": {"NetworkMode": "none", "PidsLimit": 10, "CgroupnsMode": "private"}}
     status, out = raw.request("POST", "/v1.41/containers/create", body)
     assert status == 403 and b"flavors" in out, out
     body["HostConfig"].update(Memory=256 * MiB, NanoCpus=500_000_000)

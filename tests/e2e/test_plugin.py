@@ -23,7 +23,7 @@ A1, A2, B1, READER, ADMIN = "FDCS_CONFIG_A1", "FDCS_CONFIG_A2", "FDCS_CONFIG_B1"
 
 
 def base(tenant):
-    return ["--label", f"{T}={tenant}", "--network", "none", "--pids-limit", "100"]
+    return ["--label", f"{T}={tenant}", "--network", "none", "--pids-limit", "100", "--cgroupns", "private"]
 
 
 def uniq(prefix="c"):
@@ -167,7 +167,7 @@ def test_allowed_options_work(stack, ta):
 
 def _create_body(ta, **hc):
     return {"Image": "busybox", "Cmd": ["true"], "Labels": {T: ta},
-            "HostConfig": {"NetworkMode": "none", "PidsLimit": 10, **hc}}
+            "HostConfig": {"NetworkMode": "none", "PidsLimit": 10, "CgroupnsMode": "private", **hc}}
 
 
 def test_bypasses_are_refused(stack, ta, web):
@@ -265,6 +265,7 @@ def test_ownership_records_follow_creates_and_removals(stack, ta, rds):
     alice("volume", "create", "--label", f"{T}={ta}", vol)
     assert rds.hget("fdcs:own:volume", vol) == ta
     cid = alice("run", "-d", "--name", name, "--label", f"{T}={ta}", "--network", net, "--pids-limit", "50",
+                "--cgroupns", "private",
                 "-v", f"{vol}:/v", "busybox", "sleep", "600").stdout.strip()
     assert rds.hget("fdcs:own:container", cid) == ta and (rds.hget("fdcs:cname", name) or "").endswith(" " + cid)
     # exec: record on create; alice and carol may inspect it, bob may not
@@ -289,8 +290,8 @@ def test_network_and_volume_isolation(stack, ta, tb):
     try:
         bob.fails("network", "inspect", nid, match="not found")
         bob.fails("network", "rm", nid[:12], match="not found")
-        bob.fails("run", "--rm", "--label", f"{T}={tb}", "--network", nid, "--pids-limit", "5", "busybox", "true",
-                  match="not found")
+        bob.fails("run", "--rm", "--label", f"{T}={tb}", "--network", nid, "--pids-limit", "5",
+                  "--cgroupns", "private", "busybox", "true", match="not found")
         alice.fails("network", "create", "--label", f"{T}={ta}", "--subnet", "10.99.0.0/24", f"{ta}_x", match="IPAM")
         alice.fails("network", "create", "--label", f"{T}={ta}", "-d", "macvlan", f"{ta}_x", match="Driver")
         alice.fails("network", "create", "--label", f"{T}={ta}", "-o", "com.docker.network.bridge.name=docker0",

@@ -129,7 +129,7 @@ def test_a_finite_memory_quota_needs_a_limit_in_plugin_only_mode(stack, tenant):
     headers = json.loads((Path(tenant.config) / "config.json").read_text())["HttpHeaders"]
     raw = Raw(stack.env["FDCS_ENGINE_HOSTS"].split()[0].removeprefix("unix://"), headers)
     body = {"Image": "busybox", "Cmd": ["true"], "Labels": {T: tenant.id},
-            "HostConfig": {"NetworkMode": "none", "PidsLimit": 10}}
+            "HostConfig": {"NetworkMode": "none", "PidsLimit": 10, "CgroupnsMode": "private"}}
     status, out = raw.request("POST", "/v1.41/containers/create", body)
     assert status == 403 and b"HostConfig.Memory (--memory) must be set" in out, out
     body["HostConfig"]["Memory"] = 64 * MiB

@@ -403,7 +403,7 @@ def test_a_reader_reads_but_never_writes(stack, scoper, alices_cat, mode):
     create = {"Image": "busybox", "Cmd": ["true"]}
     volume = {"Name": new}
     if mode == "plugin":
-        create.update(Labels={T: ta}, HostConfig={"NetworkMode": "none", "PidsLimit": 100})
+        create.update(Labels={T: ta}, HostConfig={"NetworkMode": "none", "PidsLimit": 100, "CgroupnsMode": "private"})
         volume = {"Name": f"{ta}_{new}", "Labels": {T: ta}}
     writes = [
         ("POST", f"{V}/containers/create?name={ta + '_' + new if mode == 'plugin' else new}", create),

@@ -93,3 +93,19 @@ def test_deep_nesting_refused_not_crashing():
     deep = '{"HostConfig":{"Sysctls":' + '[' * 5000 + ']' * 5000 + '}}'
     with pytest.raises(BadRequest):
         dec(deep)
+
+
+@pytest.mark.parametrize("body,expected", [
+    ('{"HostConfig":{"SecurityOpt":[null]}}', {"SecurityOpt": [""]}),
+    ('{"HostConfig":{"CapAdd":["x"],"LogConfig":{"Config":{"max-size":null}}}}',
+     {"CapAdd": ["x"], "LogConfig": {"Config": {"max-size": ""}}}),
+    ('{"HostConfig":{"Ulimits":[null],"Binds":["a:/b",null]}}', {"Ulimits": [None], "Binds": ["a:/b", ""]}),
+])
+def test_null_elements_take_gos_zero_value(body, expected):
+    # Go stores "" / 0 / false for a null element of a list or map of
+    # scalars; the rules must see that value, never a None they cannot read.
+    assert dec(body)["HostConfig"] == expected
+
+
+def test_null_element_positive_control():
+    assert dec('{"HostConfig":{"SecurityOpt":null}}')["HostConfig"] == {"SecurityOpt": None}

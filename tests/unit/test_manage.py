@@ -128,9 +128,9 @@ class FakeEngine:
 
     def add_container(self, cid, name, labels=None, running=True, **hc):
         host_config = {"NetworkMode": "none", "PidsLimit": 100, "MaskedPaths": list(_adopt.DEFAULT_MASKED_PATHS),
-                       "ReadonlyPaths": list(_adopt.DEFAULT_READONLY_PATHS), "CgroupnsMode": "host",
+                       "ReadonlyPaths": list(_adopt.DEFAULT_READONLY_PATHS), "CgroupnsMode": "private",
                        "IpcMode": "private", "Runtime": "runc", "ShmSize": 67108864, "ConsoleSize": [0, 0],
-                       "LogConfig": {"Type": "json-file", "Config": {}}, "Devices": [], "OomKillDisable": False}
+                       "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m"}}, "Devices": [], "OomKillDisable": False}
         host_config.update(hc)
         self.containers_[cid] = {"Id": cid, "Name": "/" + name, "Image": "sha256:img",
                                  "Config": {"Image": "busybox", "Cmd": ["sleep", "1"], "Labels": labels or {}},
@@ -725,8 +725,8 @@ def test_adoption_runs_the_create_rules(hc, why):
 def test_adoption_of_a_plain_container_and_the_engine_defaults():
     plan = _adopt.check_container(_inspect(SomethingNew=0), TA, rules.Policy(), cgroup_v1=True)
     assert plan.needs == [] and plan.record[0] == "container"
-    with pytest.raises(Denied, match="CgroupnsMode 'host'"):  # only v1 gives every container 'host'
-        _adopt.check_container(_inspect(), TA, rules.Policy(), cgroup_v1=False)
+    with pytest.raises(Denied, match="CgroupnsMode 'host'"):  # the host's cgroup namespace: never a tenant's
+        _adopt.check_container(_inspect(CgroupnsMode="host"), TA, rules.Policy(), cgroup_v1=True)
     c = _inspect(NetworkMode=f"{TA}_net")
     c["NetworkSettings"]["Networks"] = {f"{TA}_net": {"IPAMConfig": {"IPv4Address": ""}, "IPAddress": "172.18.0.2",
                                                        "MacAddress": "02:42:ac:12:00:02", "Aliases": ["orphan"]}}

@@ -16,7 +16,7 @@ NID = "ab12" + "2" * 60
 
 def good(tenant=TA, **hc):
     body = {"Image": "busybox", "Labels": {TENANT_LABEL: tenant},
-            "HostConfig": {"NetworkMode": "none", "PidsLimit": 100}}
+            "HostConfig": {"NetworkMode": "none", "PidsLimit": 100, "CgroupnsMode": "private"}}
     body["HostConfig"].update(hc)
     return body
 
@@ -582,3 +582,24 @@ def test_a_create_is_recorded_even_when_keystone_fails_between_the_hooks(store):
     res = authz.authz_response(payload("POST", uri, other, status=201, response={"Id": CID_B, "Warnings": []}))
     assert not res["Allow"] and "identity service unavailable" in res["Msg"]
     assert store.owner("container", CID_B) is None
+
+
+def test_the_cgroup_namespace_must_be_private(authz):
+    # left empty, the engine uses the host's cgroup namespace on cgroup v1 hosts
+    for mode in (None, ""):
+        body = good()
+        if mode is None:
+            del body["HostConfig"]["CgroupnsMode"]
+        else:
+            body["HostConfig"]["CgroupnsMode"] = mode
+        denied(authz, "POST", f"{V}/containers/create", body, match="CgroupnsMode must be 'private'")
+    denied(authz, "POST", f"{V}/containers/create", good(CgroupnsMode="host"), match="CgroupnsMode 'host'")
+    allowed(authz, "POST", f"{V}/containers/create", good())
+
+
+def test_an_explicit_log_driver_needs_max_size(authz):
+    # the local driver's own default is 20 MiB a file
+    denied(authz, "POST", f"{V}/containers/create", good(LogConfig={"Type": "local", "Config": {}}),
+           match="max-size is required")
+    allowed(authz, "POST", f"{V}/containers/create", good(LogConfig={"Type": "local", "Config": {"max-size": "5m"}}))
+    allowed(authz, "POST", f"{V}/containers/create", good(LogConfig={"Type": "", "Config": {}}))

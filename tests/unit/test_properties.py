@@ -759,6 +759,7 @@ def create_requests(draw, e: EngineModel, scoped: bool):
     name = draw(st.sampled_from([None, "web", "fresh", f"{OTHER}_x"]))
     if scoped:
         hc["PidsLimit"] = 100
+        hc["CgroupnsMode"] = "private"
         body["Labels"] = {TENANT_LABEL: CALLER}
         if name is not None and draw(st.integers(0, 4)):
             name = scope(CALLER, name)
@@ -876,7 +877,7 @@ def test_through_the_scoper_hex_references_never_reach_unowned_names(case):
 @SLOW
 @given(cases(scoped=True))
 @example((_DB_NAMED_ENGINE, None, {"Image": "busybox", "Labels": {TENANT_LABEL: CALLER},
-                                   "HostConfig": {"NetworkMode": "none", "PidsLimit": 100, "VolumesFrom": ["db"]}}))
+                                   "HostConfig": {"NetworkMode": "none", "PidsLimit": 100, "CgroupnsMode": "private", "VolumesFrom": ["db"]}}))
 def test_plugin_only_hex_references_never_reach_unowned_names(case):
     check_only_callers(*case, scoped=True, link_names=False)
 
@@ -895,7 +896,7 @@ def test_through_the_scoper_link_aliases_reserve_names_only_under_their_containe
 @given(cases(scoped=True, unowned_hex=False))
 @example((_ALIAS_ENGINE, f"{CALLER}_web", {
     "Image": "busybox", "Labels": {TENANT_LABEL: CALLER},
-    "HostConfig": {"NetworkMode": "none", "PidsLimit": 100, "Links": [f"{CALLER}_db:x/../../{OTHER}_web"]}}))
+    "HostConfig": {"NetworkMode": "none", "PidsLimit": 100, "CgroupnsMode": "private", "Links": [f"{CALLER}_db:x/../../{OTHER}_web"]}}))
 def test_plugin_only_link_aliases_reserve_names_only_under_their_container(case):
     check_only_callers(*case, scoped=True, link_names=True)
 

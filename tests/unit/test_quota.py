@@ -29,7 +29,7 @@ def qcfg(**kw):
 
 def body(tenant=TA, **hc):
     b = {"Image": "busybox", "Labels": {TENANT_LABEL: tenant},
-         "HostConfig": {"NetworkMode": "none", "PidsLimit": 100}}
+         "HostConfig": {"NetworkMode": "none", "PidsLimit": 100, "CgroupnsMode": "private"}}
     b["HostConfig"].update(hc)
     return b
 

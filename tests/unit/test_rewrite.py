@@ -177,3 +177,33 @@ def test_version_cap():
     assert rewrite.version_cap("1.41", "1.41") == "1.41"
     assert rewrite.version_cap("1.43", "1.41") == "1.41"
     assert rewrite.version_cap("1.40", "1.41") == "1.40"
+
+
+@pytest.mark.parametrize("given", [None, ""])
+def test_create_gives_every_container_a_private_cgroup_namespace(given):
+    # empty, the engine uses the host's cgroup namespace on cgroup v1 hosts
+    hc = {"NetworkMode": "none"} if given is None else {"NetworkMode": "none", "CgroupnsMode": given}
+    out, _ = create({"Image": "busybox", "HostConfig": hc})
+    assert out["HostConfig"]["CgroupnsMode"] == "private"
+
+
+def test_create_keeps_an_explicit_cgroup_namespace_for_the_plugin_to_judge():
+    out, _ = create({"Image": "busybox", "HostConfig": {"NetworkMode": "none", "CgroupnsMode": "host"}})
+    assert out["HostConfig"]["CgroupnsMode"] == "host"  # the plugin refuses it
+
+
+def test_container_list_drops_what_the_records_do_not_give_the_caller():
+    # the admin's container "adm" carries TA's label only because its image does
+    items = [{"Id": "c1", "Names": [f"/{TA}_web"], "Labels": {TENANT_LABEL: TA}},
+             {"Id": "adm", "Names": ["/admin-job"], "Labels": {TENANT_LABEL: TA}},
+             {"Id": "b1", "Names": [f"/{TB}_web"], "Labels": {TENANT_LABEL: TB}}]
+    asked = []
+
+    def owned(ids):
+        asked.append(ids)
+        return {"c1"}
+    out = json.loads(rewrite.container_list(json.dumps(items).encode(), S, owned))
+    assert [c["Id"] for c in out] == ["c1"]
+    assert asked == [["c1", "adm"]]  # only the label-matched ones are looked up
+    # positive control: without the records, the label decides
+    assert [c["Id"] for c in json.loads(rewrite.container_list(json.dumps(items).encode(), S))] == ["c1", "adm"]
