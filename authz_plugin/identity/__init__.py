@@ -198,6 +198,27 @@ class _AdminKey:
             return self._key
 
 
+class _Flight:
+    """One Keystone validation in progress, which other requests with the
+    same token wait for."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result: Identity | None = None
+        self.error: BaseException | None = None
+
+    def wait(self, timeout: float) -> Identity:
+        if not self.done.wait(timeout):
+            raise IdentityUnavailable(MSG_UNAVAILABLE)
+        if self.result is not None:
+            return self.result
+        e = self.error
+        # a fresh exception per waiter (the leader's carries its traceback)
+        if isinstance(e, (AuthenticationError, Forbidden, IdentityUnavailable)):
+            raise type(e)(str(e))
+        raise IdentityUnavailable(MSG_UNAVAILABLE)
+
+
 class IdentityService:
     """Authenticates Docker API requests against Keystone; thread-safe.
 
@@ -228,6 +249,9 @@ class IdentityService:
         self._admin_key = _AdminKey(cfg["keystone.admin_key_file"])
         self._stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self._flight_timeout = timeout + 2.0
 
     # -- public ------------------------------------------------------------
 
@@ -300,6 +324,32 @@ class IdentityService:
             self._count("hits")
             return hit
         self._count("misses")
+        # One Keystone call per token at a time: concurrent requests with the
+        # same new token (a client's burst, a compose up) wait for the first
+        # one's answer instead of each asking Keystone -- and instead of each
+        # spending the invalid-token budget, which a burst of a valid new
+        # token would otherwise exhaust.
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if leader:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            self._count("coalesced")
+            return flight.wait(self._flight_timeout)
+        try:
+            ident = self._validate(key, token, tenant, source)
+            flight.result = ident
+            return ident
+        except BaseException as e:
+            flight.error = e
+            raise
+        finally:
+            with self._flights_lock:
+                self._flights.pop(key, None)
+            flight.done.set()
+
+    def _validate(self, key: str, token: str, tenant: str, source: str) -> Identity:
         if not self._limiter.try_acquire(source):
             self._count("rate_limited")
             LOG.info("too many invalid tokens from %r: token %s refused without asking Keystone",

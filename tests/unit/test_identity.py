@@ -723,3 +723,55 @@ def test_the_websocket_attach_is_a_write_although_a_get(path, reader_may):
     assert reader.may("HEAD", path) is reader_may
     assert member.may("GET", path) and admin.may("GET", path)
     assert reader.may("GET")  # the method alone: as before
+
+
+def test_a_burst_of_one_new_token_asks_keystone_once(ks, clock, w):
+    """Concurrent requests with the same new token wait for one validation:
+    one Keystone call, and none of them spends the invalid-token budget
+    (burst 2 here, far below the 30 requests)."""
+    import threading
+    svc = make(ks, clock, w, reject_rate=0.5)
+    token = ks.issue(w.alice, w.demo)
+    ks.delay = 0.3  # the requests overlap while the first one is being answered
+    results, errors = [], []
+
+    def one():
+        try:
+            results.append(auth(svc, token, w.demo))
+        except Exception as e:  # collected, asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one) for _ in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 30
+    assert len({(r.user_id, r.project_id) for r in results}) == 1
+    assert ks.count() == 1
+    assert svc.stats()["coalesced"] >= 1
+
+
+def test_waiters_share_the_leaders_refusal_and_outage(ks, clock, w):
+    import threading
+    from authz_plugin.errors import AuthenticationError, IdentityUnavailable
+    svc = make(ks, clock, w)
+    for token, expected in (("not-a-real-token", AuthenticationError), (None, IdentityUnavailable)):
+        if token is None:
+            token = ks.issue(w.alice, w.demo)
+            ks.fail = 503  # every call fails: an outage
+        ks.delay = 0.3
+        errors = []
+
+        def one():
+            try:
+                auth(svc, token, w.demo)
+            except Exception as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=one) for _ in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 5 and all(isinstance(e, expected) for e in errors), errors
