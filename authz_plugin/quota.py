@@ -19,8 +19,9 @@ key                         type    content
 ``fdcs:quota:<tenant>``     hash    metric -> the tenant's own limit (set by
                                     ``fdcs-manage quota set``); a metric
                                     absent here takes the configured default
-``fdcs:pend:<fingerprint>`` list    charges of requests awaiting their
-                                    response: ``<field> <old vector or ->``
+``fdcs:pend:<host>:<fp>``   list    charges of the host's requests awaiting
+                                    their response: ``<field> <old vector
+                                    or ->`` (fp: a fingerprint of the request)
 ``fdcs:seq``                string  counter naming pending charges
 ==========================  ======  ==========================================
 
@@ -422,6 +423,9 @@ class QuotaStore:
         ``update_of``, or raise :class:`QuotaExceeded`."""
         mode, f = ("update", f"container/{update_of}") if update_of else ("create", "")
         defaults = [self.policy.defaults[m] for m in METRICS]
+        # The pending list is this host's: the same request sent to two hosts
+        # has one fingerprint, and each host must settle its own charge.
+        fp = f"{self.host}:{fp}"
         out = self._call(self._admit, keys=[], args=[tenant, self.host, fp, mode, f, PENDING_TTL, int(time.time()),
                                                      *vec, *defaults, *volumes])
         if out[0] == "rebuilding":
@@ -436,7 +440,8 @@ class QuotaStore:
         """Settle the oldest pending charge of ``fp``: on success it becomes
         ``final``'s (e.g. ``container/<id>``) with ``vec`` (KEEP: as held);
         on failure it is taken back."""
-        return bool(self._call(self._settle, keys=[], args=[fp, "1" if ok else "0", final, *vec, *volumes]))
+        return bool(self._call(self._settle, keys=[], args=[f"{self.host}:{fp}", "1" if ok else "0", final, *vec,
+                                                            *volumes]))
 
     def charge(self, field_: str) -> tuple[str, str, Vector, float | None] | None:
         raw = self._call(self.r.hget, "fdcs:charge", field_)

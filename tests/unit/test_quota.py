@@ -393,3 +393,26 @@ def test_admission_waits_for_the_rebuild_after_a_redis_loss(redis_server):
     assert w.create("h2")[0]["Allow"]  # host 2 has reconciled
     w.stores["h1"].mark_complete(1)
     assert w.create("h1")[0]["Allow"]
+
+
+def test_the_same_request_on_two_hosts_settles_each_hosts_own_charge(redis_server):
+    """Identical creates on both hosts share one fingerprint; a host's
+    response must settle its own pending charge, or the other host's
+    reconciler would take the container for one of its own, find it missing
+    and free its unit while it exists (over-admission)."""
+    w = World(redis_server)
+    w.q.set_limits(TA, {"containers": 2})
+    b = body()
+    uri = f"{V}/containers/create"
+    assert w.request("h2", "POST", uri, b)["Allow"]  # h2's charge is pending first
+    assert w.request("h1", "POST", uri, b)["Allow"]
+    w.respond("h1", "POST", uri, b, 201, {"Id": cid(1), "Warnings": []})
+    assert w.q.charge(f"container/{cid(1)}")[1] == "h1"
+    # h2's reconciler, which has not seen the container, keeps its unit
+    h2 = w.authz["h2"].quota
+    h2.sync(h2.charges("h2"), {})
+    assert w.q.usage(TA)["containers"] == 2
+    assert not w.create("h1")[0]["Allow"]
+    w.respond("h2", "POST", uri, b, 201, {"Id": cid(2), "Warnings": []})
+    assert w.q.charge(f"container/{cid(2)}")[1] == "h2"
+    assert_invariant(w.stores["h1"])
