@@ -61,6 +61,9 @@ __all__ = ["ScoperServer", "serve", "pass_through", "default_prepare", "Prepare"
 LOG = logging.getLogger(__name__)
 ACCESS = logging.getLogger("name_scoper.access")
 
+#: the version check, with or without a version prefix, nothing after it
+_PING = re.compile(r"(?:/v1\.\d+)?/_ping")
+
 Prepare = Callable[[Any, Any, str, str, Headers, Engine], Awaitable[Exchange]]
 
 #: request body bytes read and dropped after an early answer (401, 413, ...)
@@ -399,22 +402,29 @@ class _Client:
         auth = _AuthHeaders(headers)
 
         # -- who is asking --------------------------------------------------------------
+        # Anyone may ping (the plugin allows it too): clients negotiate the API
+        # version with it, and a refused ping makes the docker CLI fall back
+        # to API 1.24 and show "version too old" instead of the real refusal.
+        ping = method in ("GET", "HEAD") and not chunked and not cl and _PING.fullmatch(target)
         loop = asyncio.get_running_loop()
-        try:
-            ident = await loop.run_in_executor(
-                s.executor, functools.partial(s.identity.authenticate, auth, source=self.peer))
-        except FdcsError as e:
-            return await self._answer(req, rec, e.status, str(e))
-        except Exception:
-            LOG.exception("identity check failed (request %s)", rid)
-            return await self._answer(req, rec, 500, f"internal error (request id {rid})")
-        rec.tenant = getattr(ident, "project_id", "") or ""
-        rec.user = getattr(ident, "user_name", "") or ""
+        ident = None
+        if not ping:
+            try:
+                ident = await loop.run_in_executor(
+                    s.executor, functools.partial(s.identity.authenticate, auth, source=self.peer))
+            except FdcsError as e:
+                return await self._answer(req, rec, e.status, str(e))
+            except Exception:
+                LOG.exception("identity check failed (request %s)", rid)
+                return await self._answer(req, rec, 500, f"internal error (request id {rid})")
+            rec.tenant = getattr(ident, "project_id", "") or ""
+            rec.user = getattr(ident, "user_name", "") or ""
 
         # -- what to send ------------------------------------------------------------------
         engine = EngineClient(s.engine_socket, headers, s.connect_timeout)
         try:
-            ex = await s.prepare(s.context, ident, method, target, headers, engine)
+            ex = Exchange(method, target, headers) if ping else \
+                await s.prepare(s.context, ident, method, target, headers, engine)
         except FdcsError as e:
             if isinstance(e, EngineUnavailable):
                 LOG.warning("engine sub-request failed (request %s): %s", rid, e.__cause__ or e)

@@ -503,7 +503,7 @@ def test_keep_alive_gets_one_upstream_connection_per_request(engine, client, ide
 
 def test_pipelined_requests_each_get_their_own_identity_and_upstream(engine, client, identity):
     c = client()
-    c.send(build("GET", "/v1.41/_ping", token="tok-a") + build("GET", "/v1.41/version", token="tok-b"))
+    c.send(build("GET", "/v1.41/info", token="tok-a") + build("GET", "/v1.41/version", token="tok-b"))
     assert c.response()[0] == 200 and c.response()[0] == 200
     assert engine.count == 2 and identity.tokens() == ["tok-a", "tok-b"]
 
@@ -518,6 +518,17 @@ def test_401_without_token_never_touches_the_engine(engine, client):
     # positive control, on the same (kept) connection
     assert c.request("GET", "/v1.41/containers/json")[0] == 200
     assert engine.count == 1
+
+
+def test_anyone_may_ping_so_that_clients_negotiate_the_version(engine, client, identity):
+    c = client()
+    for target in ("/_ping", "/v1.41/_ping"):
+        assert c.request("GET", target, token=None)[0] == 200
+    assert engine.count == 2 and identity.tokens() == []
+    # anything else about the ping still needs an identity
+    assert c.request("GET", "/_ping?x=1", token=None)[0] == 401
+    assert c.request("POST", "/_ping", token=None)[0] == 401
+    assert engine.count == 2
 
 
 def test_401_drains_a_small_body_and_keeps_the_connection(engine, client):
