@@ -154,8 +154,30 @@ def admin_project_id(layout: Layout, cmds: Commands) -> str:
     return row[0]
 
 
+#: Keystone's public WSGI application served by a threading server.
+#: ``keystone-wsgi-public`` serves one request at a time (wsgiref), so a
+#: burst of new tokens (every plugin worker and scoper validating a fresh
+#: tenant's token) queued behind each other past the plugins' timeout.
+_SERVE = """
+import socketserver, sys, wsgiref.simple_server as wss
+from keystone.server.wsgi import initialize_public_application
+class Server(socketserver.ThreadingMixIn, wss.WSGIServer):
+    daemon_threads = True
+    request_queue_size = 128
+class Quiet(wss.WSGIRequestHandler):
+    def log_request(self, *a):  # one line per request would flood the log
+        pass
+host, port = sys.argv[1], int(sys.argv[2])
+sys.argv[1:] = []  # keystone's own option parser reads them
+server = wss.make_server(host, port, initialize_public_application(), server_class=Server, handler_class=Quiet)
+print("keystone public API at http://%s:%d/ (threaded wsgiref, for the local stack only)" % server.server_address,
+      flush=True)
+server.serve_forever()
+"""
+
+
 def serve_argv(port: int) -> list[str]:
-    return [PYTHON, WSGI_PUBLIC, "--host", "127.0.0.1", "--port", str(port)]
+    return [PYTHON, "-c", _SERVE, "127.0.0.1", str(port)]
 
 
 def serve_env(layout: Layout) -> dict[str, str]:

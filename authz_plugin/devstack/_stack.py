@@ -669,6 +669,9 @@ class _Up:
                     f'url = "{_keystone.url(self.kport)}"\n'
                     f'admin_project_id = "{admin_id}"\n'
                     f'admin_key_file = "{self.L.admin_key}"\n'
+                    "# the local stack shares this machine's cores with everything else: a busy\n"
+                    "# machine makes Keystone slow, never unavailable\n"
+                    "timeout = 15.0\n"
                     "\n[redis]\n"
                     f'url = "{_redis.url(self.rport)}"\n'
                     "\n[reconciler]\n"
