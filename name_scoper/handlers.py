@@ -54,6 +54,8 @@ class Context:
     #: tenants whose default network was seen recently: tenant -> monotonic time
     default_networks: dict[str, float] = field(default_factory=dict)
     default_network_ttl: float = 60.0
+    #: one default-network check per tenant at a time (one small lock per tenant seen)
+    default_network_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     @functools.cached_property
     def quota(self) -> QuotaPolicy:
@@ -146,9 +148,20 @@ def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
 
 
 async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) -> None:
-    now = time.monotonic()
-    if now - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
+    if time.monotonic() - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
         return
+    # One check (and create) per tenant at a time: the engine's CheckDuplicate
+    # is not atomic, so a burst of a new tenant's first creates made several
+    # networks of the one name, and every later use of it was "ambiguous".
+    lock = ctx.default_network_locks.setdefault(scope.tenant, asyncio.Lock())
+    async with lock:
+        if time.monotonic() - ctx.default_networks.get(scope.tenant, -1e9) < ctx.default_network_ttl:
+            return  # made or checked while this request waited
+        await _check_default_network(ctx, scope, engine)
+
+
+async def _check_default_network(ctx: Context, scope: Scope, engine: Engine) -> None:
+    now = time.monotonic()
     name = scope.default_network
     status, _, out = await engine("GET", f"{V}/networks/{name}")
     if status == 404:

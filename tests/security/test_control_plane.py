@@ -132,7 +132,8 @@ def tenant_box(request, stack, scoper):
         def run(name, *cmd, detach=False):
             made.append(f"{ta}_{name}")
             return alice("run", "-d" if detach else "--rm", "--name", f"{ta}_{name}", "--label", f"{T}={ta}",
-                         "--network", net, "--pids-limit", "512", "busybox", *cmd, timeout=180)
+                         "--network", net, "--pids-limit", "512", "--cgroupns", "private", "busybox", *cmd,
+                         timeout=180)
     try:
         yield mode, run
     finally:

@@ -220,3 +220,33 @@ def test_the_default_network_is_made_again_after_the_tenant_prunes_it():
     calls.clear()
     run("POST", "/v1.41/containers/create")
     assert networks == {f"{TENANT}_bridge"}, calls
+
+
+def test_a_burst_of_first_creates_makes_one_default_network():
+    """The engine's CheckDuplicate is not atomic: concurrent first creates of
+    a new tenant each made the default network, and every later use of the
+    name was "ambiguous".  One check per tenant at a time."""
+    from authz_plugin import config
+    from name_scoper import handlers
+
+    made = []
+    state = {"exists": False}
+
+    async def engine(method, target, body=None):
+        await asyncio.sleep(0.01)  # the engine takes its time: the requests overlap
+        if method == "GET":
+            return (200 if state["exists"] else 404), [], b"{}"
+        made.append(target)
+        state["exists"] = True
+        return 201, [], b'{"Id": "n"}'
+
+    cfg = config.load(None, env={}, overrides={"keystone.url": "http://127.0.0.1:1/v3",
+                                               "keystone.admin_project_id": "x", "redis.url": "redis://127.0.0.1:1"})
+    ctx = handlers.Context(cfg, store=None)
+    scope = Scope(TENANT)
+
+    async def burst():
+        await asyncio.gather(*(handlers._ensure_default_network(ctx, scope, engine) for _ in range(20)))
+
+    asyncio.run(burst())
+    assert made == [f"{handlers.V}/networks/create"], made
