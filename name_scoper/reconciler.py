@@ -44,6 +44,7 @@ import time
 from authz_plugin import metrics
 from authz_plugin.config import DEFAULT_PATH, load
 from authz_plugin.errors import ConfigError, FdcsError, StoreUnavailable
+from authz_plugin.identity import read_admin_key
 from authz_plugin.ownership import Store
 from authz_plugin.scoping import TENANT_LABEL
 from authz_plugin.quota import QuotaPolicy, QuotaStore, nano_cpus, wanted_charges
@@ -77,15 +78,7 @@ def host_counts(containers: list[dict]) -> dict[str, tuple[int, int]]:
 def _admin_client(cfg):
     import docker
 
-    path = cfg["reconciler.admin_key_file"] or cfg["keystone.admin_key_file"]
-    try:
-        st = os.stat(path)
-        if st.st_uid != 0 or st.st_mode & 0o077:
-            raise ConfigError(f"{path}: the admin key file must be owned by root with mode 0600")
-        with open(path) as f:
-            key = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"the admin key file cannot be read: {e}") from e
+    key = read_admin_key(cfg)
     client = docker.DockerClient(base_url=f"unix://{cfg['reconciler.engine_socket']}", version="1.41", timeout=60)
     client.api.headers[cfg["keystone.admin_key_header"]] = key
     return client

@@ -49,7 +49,7 @@ from ._cache import RejectLimiter, TokenCache, cache_key, token_handle
 from ._keystone import (MSG_EXPIRED, MSG_INVALID, MSG_MISSING, MSG_UNAVAILABLE,
                         KeystoneClient, TokenInfo, default_session)
 
-__all__ = ["Identity", "IdentityService", "MSG_MISSING", "MSG_INVALID", "MSG_EXPIRED",
+__all__ = ["Identity", "IdentityService", "read_admin_key", "MSG_MISSING", "MSG_INVALID", "MSG_EXPIRED",
            "MSG_UNAVAILABLE", "MSG_SLOW_DOWN"]
 
 LOG = logging.getLogger(__name__)
@@ -446,3 +446,25 @@ class IdentityService:
                         roles=self._admin_roles, expires_at=math.inf, is_admin=True,
                         via="admin-key", member_roles=self._member_roles,
                         reader_roles=self._reader_roles)
+
+
+def read_admin_key(cfg: Mapping) -> str:
+    """The break-glass key for this site's own tools (the reconciler,
+    fdcs-manage), which reach the engines as administrators: only from a
+    root-owned file of mode 0600 (``reconciler.admin_key_file``, else
+    ``keystone.admin_key_file``)."""
+    path = cfg["reconciler.admin_key_file"] or cfg["keystone.admin_key_file"]
+    if not path:
+        raise ConfigError("no admin key file (keystone.admin_key_file): the engines are reached "
+                          "with the break-glass admin key")
+    try:
+        st = os.stat(path)
+        if st.st_uid != 0 or st.st_mode & 0o077:
+            raise ConfigError(f"{path}: the admin key file must be owned by root with mode 0600")
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"the admin key file cannot be read: {e.strerror} ({path})") from e
+    if not key:
+        raise ConfigError(f"{path}: the admin key file is empty")
+    return key

@@ -15,10 +15,10 @@ key file).  :func:`stats_usage` is the pure reading of a stats sample.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Mapping
 
-from ..errors import ConfigError, FdcsError, Unavailable
+from ..errors import FdcsError, Unavailable
+from ..identity import read_admin_key
 
 API_VERSION = "1.41"
 
@@ -35,25 +35,6 @@ def engine_urls(cfg: Mapping) -> dict[str, str]:
     """host id -> engine URL (see module doc)."""
     return dict(cfg["manage.engines"]) or {cfg["host.id"]: "unix://" + cfg["reconciler.engine_socket"]}
 
-
-def read_admin_key(cfg: Mapping) -> str:
-    """The break-glass key, only from a root-owned file of mode 0600 (the
-    reconciler's rule)."""
-    path = cfg["reconciler.admin_key_file"] or cfg["keystone.admin_key_file"]
-    if not path:
-        raise ConfigError("no admin key file (keystone.admin_key_file): fdcs-manage reaches the engines "
-                          "with the break-glass admin key")
-    try:
-        st = os.stat(path)
-        if st.st_uid != 0 or st.st_mode & 0o077:
-            raise ConfigError(f"{path}: the admin key file must be owned by root with mode 0600")
-        with open(path) as f:
-            key = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"the admin key file cannot be read: {e.strerror} ({path})") from e
-    if not key:
-        raise ConfigError(f"{path}: the admin key file is empty")
-    return key
 
 
 class Engines:
