@@ -261,13 +261,18 @@ def before_start(host: Host, cmds: Commands) -> None:
     (it dies with dockerd, and init reaps orphans lazily on some machines):
     dockerd takes any of these for "containerd is still running" (it tests
     with kill(pid, 0)) and then times out waiting for its socket.  So stop a
-    live one and remove its pid file: dockerd starts a new containerd, which
-    finds the containers' shims again (they survive).
+    live one and remove its pid file: dockerd starts a new containerd.
 
     The containers of the dead engine are killed too: a dockerd without
     live-restore stops every container it finds running at start, giving
     each 10 s to exit on TERM; the outcome is the same (restart policies
-    apply), only 10 s sooner.
+    apply), only 10 s sooner.  And so are their shims (:func:`cleanup`): a
+    shim whose container died while no containerd listened may still report
+    its task as running to the new containerd, and dockerd then cannot start
+    the container again ("restartmanger wait error: id already in use", seen
+    under load), so a ``--restart always`` container would stay down.
+    Without shims, the new containerd knows no task and dockerd restarts
+    such containers as after a reboot.
     """
     host.dockerd_pidfile.unlink(missing_ok=True)
     _stop_containerd(host, cmds)
@@ -276,6 +281,7 @@ def before_start(host: Host, cmds: Commands) -> None:
     if killed:
         cmds.note(component(host), f"killed the dead engine's container processes {sorted(killed)}")
         wait_gone(killed, 5.0)
+    cleanup(host, cmds)
 
 
 def cleanup(host: Host, cmds: Commands) -> None:
