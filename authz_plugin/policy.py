@@ -224,10 +224,7 @@ class Authorizer:
     # -- quotas ------------------------------------------------------------------------
 
     def _fingerprint(self, tenant: str, payload: Mapping[str, Any]) -> str:
-        import base64
-        body = payload.get("RequestBody")
-        raw = base64.b64decode(body) if isinstance(body, str) and body else b""
-        return fingerprint(tenant, str(payload.get("RequestMethod") or ""), str(payload.get("RequestUri") or ""), raw)
+        return _payload_fingerprint(tenant, payload)
 
     def _update_target(self, plan: rules.Plan) -> str:
         ref = plan.needs[0].ref
@@ -380,7 +377,6 @@ class _Admitted:
 def _admission_key(payload: Mapping[str, Any]) -> str | None:
     """Who sent this exact request: the token and tenant claim (hashed,
     never stored), method, URI and body."""
-    import base64
     import hashlib
 
     token = claim = ""
@@ -391,9 +387,15 @@ def _admission_key(payload: Mapping[str, Any]) -> str | None:
             claim = str(v)
     if not token:
         return None
+    return _payload_fingerprint(hashlib.sha256(f"{token}\0{claim}".encode()).hexdigest(), payload)
+
+
+def _payload_fingerprint(who: str, payload: Mapping[str, Any]) -> str:
+    """:func:`quota.fingerprint` of ``who`` and the payload's method, URI and body."""
+    import base64
+
     body = payload.get("RequestBody")
     raw = base64.b64decode(body) if isinstance(body, str) and body else b""
-    who = hashlib.sha256(f"{token}\0{claim}".encode()).hexdigest()
     return fingerprint(who, str(payload.get("RequestMethod") or ""), str(payload.get("RequestUri") or ""), raw)
 
 
