@@ -32,9 +32,13 @@ key                               type    content
                                           tenant claim, method, URI, body),
                                           120 s: the response hook's identity
                                           when Keystone cannot answer
-``fdcs:reconciled``               hash    host -> time of its last complete
-                                          reconcile (written only by the
-                                          reconciler, after a full pass)
+``fdcs:reconciled``               hash    host -> ``<time> <run id>``: its last
+                                          complete reconcile (written only by
+                                          the reconciler, after a full pass) and
+                                          the Redis run (``run_id``) it was on
+``fdcs:epoch``                    string  ``<run id> <time>``: the first complete
+                                          reconcile of any host on this Redis
+                                          run since it last lost its data
 ``fdcs:running:<host>``           hash    tenant -> running containers of the
                                           host (written only by its reconciler)
 ``fdcs:suspended``                hash    tenant -> JSON ``{"at", "by", "reason"}``:
@@ -54,7 +58,16 @@ exact name, then a unique id prefix (moby's ``GetContainer`` and
 ``FindNetwork`` order) -- and who owns it; for a reference it cannot find it
 also says whether this host's records are complete (a reconcile has run
 since Redis last lost its data), so that an unknown reference is answered
-"retry" rather than "no such" while ownership is being rebuilt.  Writes
+"retry" rather than "no such" while ownership is being rebuilt.
+
+A loss of data is a Redis run without the records: emptied (``FLUSHALL``,
+a restart without persistence), restarted from an older snapshot, or a
+replica promoted by Sentinel that had not received everything.  A marker
+counts only on the Redis run it was written on (INFO's ``run_id``), so each
+of these makes every host "being rebuilt" until its reconciler's next pass.
+Cluster-wide container names are known again only when every host has
+passed: a name is reserved only once ``settle`` seconds (two reconcile
+intervals) have gone by since the first host's pass on this run.  Writes
 happen after the engine answered (``AuthZRes``) or from the reconciler, each
 as one Lua script so that a record is never half-written.
 
@@ -72,7 +85,7 @@ import redis.sentinel
 
 from . import metrics
 from .config import Config
-from .errors import StoreUnavailable
+from .errors import Retry, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +94,53 @@ KINDS_WITH_IDS = ("container", "network")
 PREFIX_LIMIT = 64
 RESERVATION_TTL = 120
 
-_RESOLVE = """
+# this Redis run's id (INFO's run_id; '' where INFO is missing, as in fakeredis)
+_RUN = """
+local function run_id()
+  local info = redis.pcall('INFO', 'server')
+  if type(info) ~= 'string' then return '' end
+  return string.match(info, 'run_id:(%x+)') or ''
+end
+"""
+
+# 1 when ``host`` completed a reconcile on this Redis run, else 0
+_READY = _RUN + """
+local function complete(host)
+  local m = redis.call('HGET', 'fdcs:reconciled', host)
+  if m and (string.match(m, ' (%x*)$') or '') == run_id() then return 1 end
+  return 0
+end
+"""
+
+#: Lua: ``complete(host)`` (above) and ``settled(settle)``: true when
+#: ``settle`` < 0 or ``settle`` seconds have gone by since the first complete
+#: reconcile on this Redis run (what cross-host state -- names, quota usage --
+#: needs after a loss of data).  Shared with :mod:`authz_plugin.quota`.
+REBUILT_LUA = _READY + """
+local function settled(settle)
+  if settle < 0 then return true end
+  local e = redis.call('GET', 'fdcs:epoch')
+  if not e or string.match(e, '^(%x*) ') ~= run_id() then return false end
+  return tonumber(redis.call('TIME')[1]) - tonumber(string.match(e, ' (%d+)$')) >= settle
+end
+"""
+
+_RESOLVE = _READY + """
 local kind, ref, limit, host = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
-local ready = redis.call('HEXISTS', 'fdcs:reconciled', host)
 if kind == 'exec' then
   local v = redis.call('GET', 'fdcs:exec:' .. ref)
   if v then return {'id', ref, string.match(v, '^(%S+)')} end
-  return {'none', ready}
+  return {'none', complete(host)}
 end
 local owner = redis.call('HGET', 'fdcs:own:' .. kind, ref)
 if owner then return {'id', ref, owner} end
-if kind == 'volume' then return {'none', ready} end
+if kind == 'volume' then return {'none', complete(host)} end
 local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
 if redis.call('SISMEMBER', 'fdcs:unowned:' .. kind .. ':' .. host, ref) == 1 then return {'name', '', ''} end
-if ARGV[4] ~= '1' then return {'none', ready} end
+if ARGV[4] ~= '1' then return {'none', complete(host)} end
 local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)
-if #ids == 0 then return {'none', ready} end
+if #ids == 0 then return {'none', complete(host)} end
 local out = {'prefix'}
 for _, i in ipairs(ids) do
   out[#out + 1] = i
@@ -209,8 +252,10 @@ return 1
 # Several requests of one host may be in flight for one name (the engine
 # lets one win and answers the others 409): ``fdcs:resvn:`` counts them, and
 # the reservation ends when the last one fails or one of them succeeds.
-_RESERVE = """
+_RESERVE = REBUILT_LUA + """
 local name, host, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- every host's names are known only once every reconciler has passed
+if not settled(tonumber(ARGV[4])) then return {'rebuilding', ''} end
 local held = redis.call('HGET', 'fdcs:cname', name)
 if held then
   local h = string.match(held, '^(%S+)')
@@ -223,6 +268,24 @@ redis.call('SET', 'fdcs:resv:' .. name, host, 'EX', ttl)
 redis.call('INCR', 'fdcs:resvn:' .. name)
 redis.call('EXPIRE', 'fdcs:resvn:' .. name, ttl)
 return {'ok', host}
+"""
+
+# a host's complete reconcile, on this Redis run; the run's epoch if it has none
+_MARK = _RUN + """
+local run, now = run_id(), redis.call('TIME')[1]
+redis.call('HSET', 'fdcs:reconciled', ARGV[1], ARGV[2] .. ' ' .. run)
+local e = redis.call('GET', 'fdcs:epoch')
+if not e or string.match(e, '^(%x*) ') ~= run then redis.call('SET', 'fdcs:epoch', run .. ' ' .. now) end
+return 1
+"""
+
+_COMPLETE = _READY + """
+return complete(ARGV[1])
+"""
+
+_SETTLED = REBUILT_LUA + """
+if settled(tonumber(ARGV[1])) then return 1 end
+return 0
 """
 
 _RELEASE = """
@@ -299,10 +362,17 @@ class Store:
     """Ownership records of one host's view; every method raises
     :class:`StoreUnavailable` on a Redis failure."""
 
-    def __init__(self, client: redis.Redis, exec_ttl: int = 7 * 86400, host: str = "local"):
+    def __init__(self, client: redis.Redis, exec_ttl: int = 7 * 86400, host: str = "local",
+                 settle: float | None = None):
+        """``settle``: seconds after the first host's reconcile on a Redis run
+        before container names are reserved (see the module docstring);
+        None: no wait (one host, tests)."""
         self.r = client
         self.exec_ttl = exec_ttl
         self.host = host
+        self.settle = settle
+        #: what the Lua ``settled()`` takes: -1 for no wait
+        self.settle_arg = -1 if settle is None else settle
         self._resolve = client.register_script(_RESOLVE)
         self._add = client.register_script(_ADD)
         self._remove = client.register_script(_REMOVE)
@@ -310,11 +380,15 @@ class Store:
         self._tenant_ref = client.register_script(_TENANT_REF)
         self._reserve = client.register_script(_RESERVE)
         self._release = client.register_script(_RELEASE)
+        self._mark = client.register_script(_MARK)
+        self._complete = client.register_script(_COMPLETE)
+        self._settled = client.register_script(_SETTLED)
         self._drop_charge = client.register_script(_DROP_CHARGE)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Store":
-        return cls(connect(cfg), cfg["redis.exec_ttl"], cfg["host.id"])
+        # two intervals: every live reconciler has passed since the first one did
+        return cls(connect(cfg), cfg["redis.exec_ttl"], cfg["host.id"], settle=2 * cfg["reconciler.interval"])
 
     def _call(self, fn, *args, **kw):
         return call_redis(fn, *args, **kw)
@@ -395,7 +469,7 @@ class Store:
     def hosts(self) -> dict[str, float]:
         """Hosts that completed a reconcile since Redis last lost its data:
         host -> time of the last complete pass."""
-        return {h: float(t) for h, t in self._call(self.r.hgetall, "fdcs:reconciled").items()}
+        return {h: float(t.split()[0]) for h, t in self._call(self.r.hgetall, "fdcs:reconciled").items()}
 
     # -- tenants' state ---------------------------------------------------------------
 
@@ -445,7 +519,12 @@ class Store:
         return self._call(run)
 
     def is_complete(self) -> bool:
-        return bool(self._call(self.r.hexists, "fdcs:reconciled", self.host))
+        """This host has completed a reconcile since Redis last lost its data."""
+        return bool(self._call(self._complete, keys=[], args=[self.host]))
+
+    def settled(self) -> bool:
+        """Container names may be reserved (``settle`` has passed; see the module docstring)."""
+        return bool(self._call(self._settled, keys=[], args=[self.settle_arg]))
 
     def ping(self) -> None:
         self._call(self.r.ping)
@@ -513,7 +592,10 @@ class Store:
     def reserve_name(self, scoped: str) -> tuple[bool, str]:
         """Reserve a cluster-wide container name for this host; returns
         ``(ok, other_host)``."""
-        how, who = self._call(self._reserve, keys=[], args=[scoped, self.host, RESERVATION_TTL])
+        how, who = self._call(self._reserve, keys=[], args=[scoped, self.host, RESERVATION_TTL, self.settle_arg])
+        if how == "rebuilding":
+            raise Retry("container names are being checked across hosts after a restart of the ownership "
+                        "store; retry in a moment")
         return how == "ok", who
 
     def release_name(self, scoped: str) -> None:
@@ -541,7 +623,7 @@ class Store:
 
     def mark_complete(self, when: float) -> None:
         """Called by the reconciler after a full pass over this host."""
-        self._call(self.r.hset, "fdcs:reconciled", self.host, str(when))
+        self._call(self._mark, keys=[], args=[self.host, str(when)])
 
     def retire_host(self) -> int:
         """Remove every record of this host (the host is gone for good)."""

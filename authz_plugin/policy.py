@@ -76,7 +76,7 @@ class Authorizer:
         self.min_version = cfg["policy.min_api_version"]
         self.max_version = cfg["policy.max_api_version"]
         self.cluster_names = cfg["policy.container_names"] == "cluster"
-        self.quota = QuotaStore(store.r, self.policy.quota, store.host) if self.policy.quota.enabled else None
+        self.quota = QuotaStore(store.r, self.policy.quota, store.host, store.settle) if self.policy.quota.enabled else None
         self._suspended: tuple[float, dict[str, dict]] = (0.0, {})
 
     # -- protocol entry points ------------------------------------------------

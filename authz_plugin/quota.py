@@ -60,6 +60,7 @@ from typing import Any, Mapping
 import redis
 
 from .errors import Denied, QuotaExceeded, Retry
+from .ownership import REBUILT_LUA
 
 METRICS = ("containers", "memory", "cpus", "volumes", "networks")
 UNLIMITED = -1
@@ -299,14 +300,15 @@ local function put(f, t, h, v)
 end
 """
 
-_ADMIT = _LUA_LIB + """
+_ADMIT = _LUA_LIB + REBUILT_LUA + """
 local tenant, host, fp, mode, field, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 -- after a loss of Redis data the usage is rebuilt by the reconcilers' passes:
--- until this host's has run, its charges are unknown
-if redis.call('HEXISTS', 'fdcs:reconciled', host) == 0 then return {'rebuilding'} end
+-- until this host's has run its charges are unknown, and the other hosts'
+-- until they have run too (settled, see authz_plugin.ownership)
+if complete(host) == 0 or not settled(tonumber(ARGV[18])) then return {'rebuilding'} end
 local new, def = {}, {}
 for i = 1, 5 do new[i] = tonumber(ARGV[7 + i]); def[i] = tonumber(ARGV[12 + i]) end
-for j = 18, #ARGV do  -- named volumes the create makes if they do not exist
+for j = 19, #ARGV do  -- named volumes the create makes if they do not exist
   if redis.call('HEXISTS', 'fdcs:own:volume', ARGV[j]) == 0 then new[4] = new[4] + 1 end
 end
 local old = {0, 0, 0, 0, 0}
@@ -403,10 +405,12 @@ class QuotaStore:
     """Quota admission and accounting in the shared Redis; every method
     raises :class:`StoreUnavailable` on a Redis failure."""
 
-    def __init__(self, client: redis.Redis, policy: QuotaPolicy, host: str):
+    def __init__(self, client: redis.Redis, policy: QuotaPolicy, host: str, settle: float | None = None):
+        """``settle``: as :class:`authz_plugin.ownership.Store`'s (None: no wait)."""
         self.r = client
         self.policy = policy
         self.host = host
+        self.settle_arg = -1 if settle is None else settle
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
         self._cas = client.register_script(_CAS)
@@ -427,7 +431,7 @@ class QuotaStore:
         # has one fingerprint, and each host must settle its own charge.
         fp = f"{self.host}:{fp}"
         out = self._call(self._admit, keys=[], args=[tenant, self.host, fp, mode, f, PENDING_TTL, int(time.time()),
-                                                     *vec, *defaults, *volumes])
+                                                     *vec, *defaults, self.settle_arg, *volumes])
         if out[0] == "rebuilding":
             raise Retry("quota usage is being rebuilt after a restart of the ownership store; retry in a moment")
         if out[0] != "ok":

@@ -40,14 +40,21 @@ def ping(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def reconciled(port: int, host_id: str, timeout: float = 1.0) -> bool:
-    """True when host ``host_id`` has finished a full reconcile (the marker
-    only the reconciler writes, see ``authz_plugin.ownership``)."""
-    field = host_id.encode()
-    cmd = b"*3\r\n$7\r\nHEXISTS\r\n$15\r\nfdcs:reconciled\r\n$%d\r\n%s\r\n" % (len(field), field)
+def reconciled(port: int, host_id: str, settle: float | None = None, timeout: float = 1.0) -> bool:
+    """True when host ``host_id`` has finished a full reconcile on this Redis
+    run (the marker only the reconciler writes) and, with ``settle``, the
+    cluster's container names are known again: what tenants' requests need
+    (see ``authz_plugin.ownership``)."""
+    import redis
+
+    from ..ownership import Store
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=timeout, socket_connect_timeout=timeout,
+                         decode_responses=True)
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(cmd)
-            return s.recv(64).startswith(b":1")
-    except OSError:
+        store = Store(client, host=host_id, settle=settle)
+        return store.is_complete() and store.settled()
+    except Exception:  # StoreUnavailable, or a Redis still loading its data
         return False
+    finally:
+        client.close()

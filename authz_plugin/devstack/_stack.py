@@ -64,7 +64,9 @@ TIMEOUTS = {"redis": 20, "keystone": 90, "authz": 60, "engine": 90, "scoper": 60
 #: declares it hung and restarts it.  An engine gets longer: while its plugin
 #: was down it may be in its ~30 s plugin retry, and restarting an engine
 #: kills the tenants' containers.
-GRACE = {"redis": 5, "keystone": 10, "authz": 10, "engine": 45, "scoper": 10, "reconciler": 10}
+GRACE = {"redis": 5, "keystone": 10, "authz": 10, "engine": 45, "scoper": 10,
+         # a reconciler is ready once the names have settled (2 intervals after a pass)
+         "reconciler": 10 + 2 * RECONCILE_INTERVAL}
 
 REQUIRED = (
     _redis.REDIS_SERVER, _keystone.PYTHON, _keystone.WSGI_PUBLIC, _engine.DOCKERD, _engine.DOCKER,
@@ -438,7 +440,7 @@ class Stack:
                     lambda: [_console_script("fdcs-reconciler"), "--config", str(L.conf)],
                     lambda: {"FDCS_HOST_ID": host.name, "FDCS_RECONCILER_ENGINE_SOCKET": str(host.engine_socket),
                              "FDCS_RECONCILER_METRICS_LISTEN": _metrics_listen(ports, "reconciler", host)},
-                    lambda: _redis.reconciled(rport, host.name), "reconciler",
+                    lambda: _redis.reconciled(rport, host.name, settle=2 * RECONCILE_INTERVAL), "reconciler",
                     _metrics_url(ports, "reconciler", host)))
         exe = _scoper.command()
         if exe is not None:

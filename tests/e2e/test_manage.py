@@ -276,8 +276,8 @@ def test_adopt_refuses_a_privileged_orphan_and_hands_over_a_plain_one(stack, sco
                        "tenant_name": "tenant-a"}
         assert r.hget("fdcs:adopted:container", pid) == f"{ta} {hosts[0]}"
         # the daemons' reconciler must keep it through its next full pass
-        t0 = float(r.hget("fdcs:reconciled", hosts[0]))
-        wait_for(lambda: float(r.hget("fdcs:reconciled", hosts[0])) > t0 + 0.001, timeout=60,
+        t0 = float(r.hget("fdcs:reconciled", hosts[0]).split()[0])
+        wait_for(lambda: float(r.hget("fdcs:reconciled", hosts[0]).split()[0]) > t0 + 0.001, timeout=60,
                  what="a full pass of host 1's reconciler")
         assert r.hget("fdcs:own:container", pid) == ta
         # usable by the tenant, by id

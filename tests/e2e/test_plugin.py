@@ -333,6 +333,7 @@ def test_unknown_references_are_retried_not_missing_while_records_are_rebuilt(st
     wait_for(lambda: alice("inspect", cid[:12], check=False).returncode == 0, timeout=30,
              what="the reconciler to rebuild the records")
     bob.fails("inspect", cid[:12], match="No such container")
+    stack.cmd("up")  # returns once names are reserved again (two reconcile intervals), for the next tests
 
 
 def test_keystone_down_keeps_cached_tokens_and_refuses_others(stack, ta):

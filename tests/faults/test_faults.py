@@ -384,9 +384,6 @@ def test_redis_killed_without_its_data_is_rebuilt_by_the_reconcilers(fstack, hol
         s.repair()
 
 
-@pytest.mark.xfail(strict=True, reason="finding F3: a Redis restored from an older snapshot keeps its "
-                   "fdcs:reconciled markers, so a container made after the snapshot is answered "
-                   "'No such container' (not 'retry') until the next full pass (fix: ownership.py, see report)")
 def test_redis_restored_from_an_older_snapshot_answers_retry_for_what_it_lacks(fstack, holdings):
     s = fstack
     alice = s.tenant(1)
@@ -415,9 +412,6 @@ def test_redis_restored_from_an_older_snapshot_answers_retry_for_what_it_lacks(f
         alice("rm", "-f", late, check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="finding F2: after a loss of Redis data, container names are not "
-                   "unique across hosts until every host has reconciled: a name held on host 2 can be "
-                   "taken on host 1 (fix: ownership.py _RESERVE, see report)")
 def test_container_names_stay_unique_across_hosts_while_records_are_rebuilt(fstack):
     s = fstack
     name = uniq("dup")

@@ -2,8 +2,10 @@
 
 import copy
 
+import fakeredis
 import pytest
 
+from authz_plugin.ownership import Store
 from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL
 
 from .conftest import TA, TB, payload
@@ -493,6 +495,36 @@ def test_unknown_references_are_retry_while_records_are_rebuilt(authz, store):
     allowed(authz, "GET", f"{V}/containers/{CID[:12]}/json")
     denied(authz, "GET", f"{V}/containers/{CID[:12]}/json", token="tok-bob", match="No such container")
     denied(authz, "GET", f"{V}/containers/{'9' * 12}/json", match="No such container")
+
+
+def test_a_marker_of_another_redis_run_does_not_count(authz, store):
+    """Redis restored from an older snapshot keeps the markers of the run that
+    saved it: they must not make the records look complete (finding F3)."""
+    create_container(authz, store, name=f"{TA}_web")
+    store.r.hset("fdcs:reconciled", "h1", "1 0123abcd")  # written on another Redis run
+    assert not store.is_complete()
+    denied(authz, "GET", f"{V}/containers/{'9' * 12}/json", match="retry")
+    store.mark_complete(2)  # this run's pass
+    assert store.is_complete()
+    denied(authz, "GET", f"{V}/containers/{'9' * 12}/json", match="No such container")
+
+
+def test_container_names_wait_until_every_host_can_have_reconciled(redis_server):
+    """After a loss of data a cluster-wide name is reserved only once
+    ``settle`` seconds have passed since the first pass on this Redis run
+    (finding F2): before, another host's holder may not be recorded yet."""
+    from authz_plugin.policy import Authorizer
+    from .conftest import FakeIdentityService, cfg
+    st = Store(fakeredis.FakeRedis(server=redis_server, decode_responses=True), host="h1", settle=60)
+    st.mark_complete(1)  # the first pass on this run: the epoch is now
+    authz = Authorizer(cfg(), FakeIdentityService(), st)
+    assert not st.settled()
+    denied(authz, "POST", f"{V}/containers/create?name={TA}_web", good(), match="retry")
+    allowed(authz, "POST", f"{V}/containers/create", good())  # positive control: no name, no wait
+    now = int(st.r.time()[0])
+    st.r.set("fdcs:epoch", f" {now - 61}")  # this run (fakeredis has no run id), 61 s ago
+    assert st.settled()
+    allowed(authz, "POST", f"{V}/containers/create?name={TA}_web", good())
 
 
 def test_retire_host(store, store_h2, authz):

@@ -395,6 +395,20 @@ def test_admission_waits_for_the_rebuild_after_a_redis_loss(redis_server):
     assert w.create("h1")[0]["Allow"]
 
 
+def test_admission_waits_until_every_host_can_have_reconciled(redis_server):
+    """Other hosts' usage is known only once they have passed too: with a
+    ``settle`` time, admission waits for it after a loss of data (finding F2)."""
+    st = Store(fakeredis.FakeRedis(server=redis_server, decode_responses=True), host="h1", settle=60)
+    st.mark_complete(1)
+    c = cfg(**{"quota.enabled": True, "host.id": "h1"})
+    authz = Authorizer(c, FakeIdentityService(), st)
+    uri = f"{V}/containers/create"
+    r = authz.authz_request(payload("POST", uri, body()))
+    assert not r["Allow"] and "being rebuilt" in r["Msg"], r
+    st.r.set("fdcs:epoch", f" {int(st.r.time()[0]) - 61}")
+    assert authz.authz_request(payload("POST", uri, body()))["Allow"]
+
+
 def test_the_same_request_on_two_hosts_settles_each_hosts_own_charge(redis_server):
     """Identical creates on both hosts share one fingerprint; a host's
     response must settle its own pending charge, or the other host's
