@@ -1,7 +1,9 @@
-"""The plugin's HTTP face: the Docker AuthZ plugin protocol over Flask.
+"""The plugin's protocol (:class:`Hooks`) and its Flask face.
 
 ``create_app(cfg, authorizer=None)`` builds the app (tests inject an
-:class:`~authz_plugin.policy.Authorizer` built on fakes).  Routes:
+:class:`~authz_plugin.policy.Authorizer` built on fakes); in production the
+gunicorn worker of :mod:`authz_plugin.worker` calls the same :class:`Hooks`
+directly (it costs a fraction of a WSGI round per call).  Routes:
 
 * ``POST /Plugin.Activate``        -> ``{"Implements": ["authz"]}``
 * ``POST /AuthZPlugin.AuthZReq``    -> ``{"Allow": ..., "Msg": ...}``
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 from flask import Flask, Response, request
@@ -30,10 +33,6 @@ from .config import Config
 log = logging.getLogger(__name__)
 
 MEDIA_TYPE = "application/vnd.docker.plugins.v1.2+json"
-
-
-def _reply(obj) -> Response:
-    return Response(json.dumps(obj), status=200, mimetype=MEDIA_TYPE)
 
 
 #: deny messages for an empty payload (see the module docstring), per hook
@@ -66,48 +65,85 @@ def build_authorizer(cfg: Config):
     return Authorizer(cfg, IdentityService(cfg), store)
 
 
-def create_app(cfg: Config, authorizer=None) -> Flask:
-    app = Flask(__name__)
-    app.config["FDCS"] = cfg
-    # in each gunicorn worker: its counters (files, under the master's
-    # PROMETHEUS_MULTIPROC_DIR) exist, at zero, from the start
-    metrics.activate("plugin")
-    state = {"authz": authorizer}
+class Hooks:
+    """The plugin protocol without a transport: ``call(path, body)`` answers
+    one engine call with the JSON bytes of a 200 answer, or None for a path
+    that is not the protocol's (404).  Both HTTP faces use it: the Flask app
+    below (any WSGI server, the unit tests) and the plugin's gunicorn worker
+    (:mod:`authz_plugin.worker`), which calls it without a WSGI round."""
 
-    def authz():
+    def __init__(self, cfg: Config, authorizer=None):
+        self.cfg = cfg
+        self._authz = authorizer
+        # in each gunicorn worker: its counters (files, under the master's
+        # PROMETHEUS_MULTIPROC_DIR) exist, at zero, from the start
+        metrics.activate("plugin")
+
+    def authorizer(self):
         # Built lazily so that each gunicorn worker opens its own connections
         # after the fork.
-        if state["authz"] is None:
-            state["authz"] = build_authorizer(cfg)
-        return state["authz"]
+        if self._authz is None:
+            self._authz = build_authorizer(self.cfg)
+        return self._authz
 
-    def payload():
+    def call(self, path: str, body: bytes) -> bytes | None:
+        if path == "/AuthZPlugin.AuthZReq":
+            return self._hook("request", body)
+        if path == "/AuthZPlugin.AuthZRes":
+            return self._hook("response", body)
+        if path == "/Plugin.Activate":
+            return _ACTIVATE
+        return None
+
+    def _hook(self, hook: str, body: bytes) -> bytes:
+        if hook == "response" and reads_only(body):
+            return _ALLOW  # what Authorizer.authz_response answers, without decoding the answer's body
+        t0 = time.perf_counter()
         try:
-            data = json.loads(request.get_data(cache=False) or b"null")
+            data = json.loads(body or b"null")
         except ValueError:
-            return None
-        return data if isinstance(data, dict) else None
+            data = None
+        if not isinstance(data, dict):
+            metrics.decision(hook, False, "bad-request", time.perf_counter() - t0)
+            return json.dumps({"Allow": False, "Msg": unreadable(hook, not body)}).encode()
+        authz = self.authorizer()
+        out = authz.authz_request(data) if hook == "request" else authz.authz_response(data)
+        return json.dumps(out).encode()
 
-    @app.post("/Plugin.Activate")
-    def activate():
-        return _reply({"Implements": ["authz"]})
 
-    @app.post("/AuthZPlugin.AuthZReq")
-    def authz_req():
-        t0 = time.perf_counter()
-        p = payload()
-        if p is None:
-            metrics.decision("request", False, "bad-request", time.perf_counter() - t0)
-            return _reply({"Allow": False, "Msg": unreadable("request", not request.content_length)})
-        return _reply(authz().authz_request(p))
+_ACTIVATE = json.dumps({"Implements": ["authz"]}).encode()
+_ALLOW = json.dumps({"Allow": True}).encode()
 
-    @app.post("/AuthZPlugin.AuthZRes")
-    def authz_res():
-        t0 = time.perf_counter()
-        p = payload()
-        if p is None:
-            metrics.decision("response", False, "bad-request", time.perf_counter() - t0)
-            return _reply({"Allow": False, "Msg": unreadable("response", not request.content_length)})
-        return _reply(authz().authz_response(p))
+# The head of an AuthZ payload as moby 20.10 marshals it
+# (pkg/authorization/api.go, ``Request``: Go's encoder writes the fields in
+# declaration order, each string escaped; ``User`` and ``UserAuthNMethod``
+# are omitted when empty).  A method is an HTTP token, so it has no quote.
+_HEAD = re.compile(rb'\{(?:"User":"(?:[^"\\]|\\.)*",)?(?:"UserAuthNMethod":"(?:[^"\\]|\\.)*",)?'
+                   rb'"RequestMethod":"([^"\\]*)"')
+
+
+def reads_only(payload: bytes) -> bool:
+    """True when an ``AuthZRes`` payload is that of a request whose method
+    the response hook has nothing to record for (not POST or DELETE: see
+    ``Authorizer.authz_response``), read from the payload's head alone.  An
+    inspect or list answer is in the payload in full, base64 in JSON; the
+    response hook of every read would otherwise decode it to learn only
+    the method.  False (decode it all) for anything else."""
+    m = _HEAD.match(payload)
+    return m is not None and m.group(1) not in (b"POST", b"DELETE")
+
+
+def create_app(cfg: Config, authorizer=None) -> Flask:
+    """The protocol as a Flask app; ``app.fdcs_hooks`` is its :class:`Hooks`."""
+    app = Flask(__name__)
+    app.config["FDCS"] = cfg
+    hooks = app.fdcs_hooks = Hooks(cfg, authorizer)
+
+    @app.post("/<name>")
+    def hook(name):
+        out = hooks.call(request.path, request.get_data(cache=False))
+        if out is None:
+            return Response(status=404)
+        return Response(out, status=200, mimetype=MEDIA_TYPE)
 
     return app

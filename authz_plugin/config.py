@@ -239,7 +239,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("plugin", "name", _str, "fdcs-authz", "plugin name given to dockerd --authorization-plugin"),
     Option("plugin", "socket", _str, "", "unix socket to serve on (default /run/docker/plugins/<name>.sock)"),
     Option("plugin", "workers", _int, 2, "gunicorn worker processes"),
-    Option("plugin", "threads", _int, 8, "threads per worker (the gthread worker keeps the engine's connections alive)"),
+    Option("plugin", "threads", _int, 8, "engine connections per worker, a thread each (the engine keeps them alive)"),
     Option("plugin", "log_level", _str, "info", "debug, info, warning or error"),
     # -- name scoper ------------------------------------------------------------
     Option("scoper", "listen", _str, "0.0.0.0:2376", "address:port of the tenants' TLS listener"),

@@ -236,6 +236,8 @@ class PluginMetrics(_Common):
                                  "reason", ["hook", "result", "reason"], registry=registry)
         self.hook_seconds = Histogram("fdcs_authz_hook_duration_seconds", "Time the plugin took to decide "
                                       "one engine call", ["hook"], buckets=HOOK_BUCKETS, registry=registry)
+        #: (is request hook, allow, reason) -> (decision counter, hook histogram) children
+        self.children: dict[tuple[bool, bool, str], tuple] = {}
 
 
 class ScoperMetrics(_Common):
@@ -347,9 +349,14 @@ def decision(hook: str, allow: bool, reason: str, seconds: float) -> None:
     """One plugin decision (``hook``: ``request`` or ``response``)."""
     m = active()
     if isinstance(m, PluginMetrics):
-        h = "request" if hook == "request" else "response"
-        m.decisions.labels(h, "allow" if allow else "deny", reason_label(reason)).inc()
-        m.hook_seconds.labels(h).observe(max(0.0, seconds))
+        key = (hook == "request", allow, reason)
+        children = m.children.get(key)
+        if children is None:  # labels() takes a lock and builds a key: once per combination
+            h = "request" if hook == "request" else "response"
+            children = m.children[key] = (m.decisions.labels(h, "allow" if allow else "deny", reason_label(reason)),
+                                          m.hook_seconds.labels(h))
+        children[0].inc()
+        children[1].observe(max(0.0, seconds))
 
 
 @_guarded

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -403,7 +403,7 @@ def _request_id(payload: Mapping[str, Any]) -> str:
     for k, v in (payload.get("RequestHeaders") or {}).items():
         if k.lower() == "x-request-id" and isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable():
             return v
-    return uuid.uuid4().hex[:16]
+    return os.urandom(8).hex()
 
 
 def _response_json(payload: Mapping[str, Any]) -> dict[str, Any]:

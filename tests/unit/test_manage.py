@@ -820,7 +820,8 @@ def _line(i, tenant, allow=True):
 
 def test_audit_stream_writer_batches_and_trims():
     r = fakeredis.FakeRedis(decode_responses=True)
-    w = audit_stream.Writer(r, maxlen=10)
+    w = audit_stream.Writer(r, maxlen=10, linger=0)
+    w._pid = __import__("os").getpid()  # no thread: this test drives the writer
     for i in range(30):
         w.submit(_line(i, TA))
     while w.written < 30:
