@@ -442,15 +442,23 @@ class Store:
     def records(self, kind: str) -> dict[str, tuple[str, str]]:
         """This host's records of ``kind``: id -> (tenant, name)."""
         def run():
-            hosts = self.r.hgetall(f"fdcs:host:{kind}")
-            ids = [i for i, h in hosts.items() if h == self.host]
+            if kind in KINDS_WITH_IDS:
+                # this host's own index (written with the record by the same
+                # scripts): O(this host's records), not every host's; the
+                # host field still decides (an id the index kept by mistake
+                # must not make this host remove another host's record)
+                ids = self.r.zrange(f"fdcs:ids:{kind}:{self.host}", 0, -1)
+            else:
+                hosts = self.r.hgetall(f"fdcs:host:{kind}")
+                ids = [i for i, h in hosts.items() if h == self.host]
             if not ids:
                 return {}
             pipe = self.r.pipeline(transaction=False)
+            pipe.hmget(f"fdcs:host:{kind}", ids)
             pipe.hmget(f"fdcs:own:{kind}", ids)
             pipe.hmget(f"fdcs:nameof:{kind}", ids)
-            owners, names = pipe.execute()
-            return {i: (o or "", n or "") for i, o, n in zip(ids, owners, names)}
+            hosts, owners, names = pipe.execute()
+            return {i: (o or "", n or "") for i, h, o, n in zip(ids, hosts, owners, names) if h == self.host}
         return self._call(run)
 
     def all_records(self, kind: str) -> dict[str, tuple[str, str, str]]:
