@@ -107,6 +107,14 @@ class Upstream:
         except (h11.RemoteProtocolError, StreamClosed) as e:
             raise EngineUnavailable() from e
 
+    def buffered_event(self):
+        """The next h11 event from what was already read (no I/O), or
+        ``h11.NEED_DATA``; :class:`EngineUnavailable` as :meth:`next_event`."""
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as e:
+            raise EngineUnavailable() from e
+
     async def response_head(self):
         """The engine's :class:`h11.Response`, or its ``101``
         :class:`h11.InformationalResponse`; other 1xx answers are dropped."""

@@ -264,10 +264,25 @@ class IdentityService:
         :raises Forbidden: valid identity without member or reader role.
         :raises IdentityUnavailable: Keystone cannot answer for an uncached token.
         """
+        ident = self._authenticate(headers, source, cached_only=False)
+        assert ident is not None
+        return ident
+
+    def authenticate_cached(self, headers: Mapping[str, str], source: str = "") -> Identity | None:
+        """:meth:`authenticate` when the cache alone can answer: the same
+        identity, or the same exception (a cached refusal, an expired token, a
+        malformed header, no role); None when only :meth:`authenticate` can
+        (a token not cached: Keystone; the break-glass key: its file).  Never
+        waits on I/O, only on the cache's lock: an event loop may call it.
+        Counts what it answers as :meth:`authenticate` does; a None counts
+        nothing (the :meth:`authenticate` that follows does)."""
+        return self._authenticate(headers, source, cached_only=True)
+
+    def _authenticate(self, headers: Mapping[str, str], source: str, cached_only: bool) -> Identity | None:
         if self._admin_key_header:
             presented = _header(headers, self._admin_key_header)
             if presented is not None:
-                return self._break_glass(presented, source)
+                return None if cached_only else self._break_glass(presented, source)
         token = _header(headers, TOKEN_HEADER)
         if not token:
             raise AuthenticationError(MSG_MISSING)
@@ -280,7 +295,9 @@ class IdentityService:
         if len(tenant) > _MAX_TENANT:
             raise AuthenticationError(
                 f"authentication required: {TENANT_HEADER} {tenant[:40]!r}... is not a project id")
-        ident = self._lookup(token, tenant, source)
+        ident = self._lookup(token, tenant, source, cached_only)
+        if ident is None:
+            return None
         if not ident.is_admin and not ident.roles & (self._member_roles | self._reader_roles):
             raise Forbidden(
                 f"user {ident.user_name or ident.user_id} has no role on project {ident.project_id} "
@@ -309,7 +326,7 @@ class IdentityService:
             self._stats[what] += 1
         metrics.identity_event(what)  # fdcs_identity_events_total{event}
 
-    def _lookup(self, token: str, tenant: str, source: str) -> Identity:
+    def _lookup(self, token: str, tenant: str, source: str, cached_only: bool = False) -> Identity | None:
         key = cache_key(token, tenant)
         hit = self._cache.get(key)
         if isinstance(hit, str):
@@ -323,6 +340,8 @@ class IdentityService:
                 raise AuthenticationError(MSG_EXPIRED)
             self._count("hits")
             return hit
+        if cached_only:
+            return None
         self._count("misses")
         # One Keystone call per token at a time: concurrent requests with the
         # same new token (a client's burst, a compose up) wait for the first

@@ -790,6 +790,38 @@ def test_streaming_response_headers_are_forwarded_before_any_body(engine, client
     assert int(c.f.readline(), 16) == 7 and c.f.read(7) == b"line 1\n"
 
 
+def test_a_stream_of_small_chunks_is_relayed_whole_and_in_order_and_merged(engine, client):
+    """logs -f: the engine writes a chunk per line; what arrived together
+    goes on as one chunk (one TLS record), and a later line still flows."""
+    go = threading.Event()
+    lines = [b"line %d\n" % i for i in range(500)]
+
+    def behave(c):
+        _chunked_head(c, "application/vnd.docker.raw-stream")
+        c.send(b"".join(b"%x\r\n%s\r\n" % (len(x), x) for x in lines))  # one write, 500 chunks
+        assert go.wait(TIMEOUT)
+        _chunk(c, b"late\n")
+        c.send(b"0\r\n\r\n")
+    engine.behave = behave
+    c = client()
+    c.send(build("GET", "/v1.41/containers/x/logs?follow=1&stdout=1"))
+    status, _, _ = c.response(head_only=True)
+    assert status == 200
+    got, chunks = b"", 0
+    while len(got) < len(b"".join(lines)):
+        size = int(c.f.readline(), 16)
+        got += c.f.read(size)
+        c.f.readline()
+        chunks += 1
+    assert got == b"".join(lines)
+    assert chunks < len(lines) / 2, chunks  # merged (one chunk per engine read, not per line)
+    go.set()
+    size = int(c.f.readline(), 16)
+    assert c.f.read(size) == b"late\n"
+    c.f.readline()
+    assert int(c.f.readline(), 16) == 0
+
+
 def test_client_going_away_ends_the_engine_stream(engine, client):
     def behave(c):
         _chunked_head(c)
@@ -1217,3 +1249,77 @@ def test_a_repeated_token_header_reaches_the_identity_as_two_values(engine, loop
     finally:
         c.close()
         loop_thread.run(srv.close(1.0))
+
+
+class _CachingIdentity(FakeIdentity):
+    """Answers tok-a (and refuses tok-bad) from a 'cache' on the calling
+    thread, as IdentityService.authenticate_cached does; anything else needs
+    authenticate (in the proxy's worker thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cached_threads: list[str] = []
+        self.threads: list[str] = []
+
+    def authenticate_cached(self, headers, source=""):
+        self.cached_threads.append(threading.current_thread().name)
+        token = next((v for k, v in headers.items() if k.lower() == "x-auth-token"), None)
+        if token == "tok-bad":
+            raise AuthenticationError("authentication required: X-Auth-Token is invalid (cached); run fdcs-login")
+        return self.TOKENS["tok-a"] if token == "tok-a" else None
+
+    def authenticate(self, headers, source=""):
+        self.threads.append(threading.current_thread().name)
+        return super().authenticate(headers, source)
+
+
+def test_a_cached_identity_is_answered_on_the_loop_and_a_miss_in_a_thread(engine, loop_thread, tls):
+    ident = _CachingIdentity()
+    srv = loop_thread.run(serve(ident, engine_socket=engine.path,
+                                ssl_context=server_context(tls.server_cert, tls.server_key)))
+    c = Client(srv.port, tls)
+    try:
+        # warm: answered by the cache on the loop's thread, authenticate never called
+        c.send(build("GET", "/v1.41/version"))
+        assert c.response()[0] == 200 and engine.count == 1
+        assert ident.threads == [] and ident.cached_threads == [loop_thread.thread.name]
+        # a cached refusal is the refusal, the engine untouched
+        c.send(build("GET", "/v1.41/version", token="tok-bad"))
+        status, _, body = c.response()
+        assert status == 401 and "(cached)" in json.loads(body)["message"] and engine.count == 1
+        assert ident.threads == []
+        # a miss (the cache says None): authenticate decides, in a worker thread
+        c.send(build("GET", "/v1.41/version", token="tok-b"))
+        assert c.response()[0] == 200 and engine.count == 2
+        assert len(ident.threads) == 1 and ident.threads[0].startswith("fdcs-identity")
+        c.send(build("GET", "/v1.41/version", token="nope"))
+        assert c.response()[0] == 401 and engine.count == 2 and len(ident.threads) == 2
+    finally:
+        c.close()
+        loop_thread.run(srv.close(1.0))
+
+
+def test_the_idle_timeout_ends_a_silent_or_unfinished_head_never_a_request_being_served(make_proxy, engine, tls):
+    idle = 0.5
+    px = make_proxy(idle_timeout=idle)
+
+    def slow(c):  # the engine takes three idle timeouts to answer
+        c.read_body()
+        time.sleep(3 * idle)
+        echo(c)
+    engine.behave = slow
+    served, unfinished = Client(px.port, tls), Client(px.port, tls)
+    try:
+        t0 = time.monotonic()
+        unfinished.send(b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\n")  # a head that never ends
+        assert served.request("GET", "/v1.41/version")[0] == 200  # served though slower than the timeout
+        engine.behave = echo
+        assert served.request("GET", "/v1.41/version")[0] == 200  # and the connection carries on
+        t1 = time.monotonic()
+        assert unfinished.closed_by_peer() and engine.count == 2  # ended; nothing of it reached the engine
+        assert served.closed_by_peer()  # idle after its answer: ended too...
+        assert time.monotonic() - t1 >= 0.9 * idle  # ...but not before the timeout
+        assert 3 * idle <= t1 - t0 and time.monotonic() - t0 < 3 * idle + TIMEOUT / 2
+    finally:
+        served.close()
+        unfinished.close()

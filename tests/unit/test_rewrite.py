@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from authz_plugin import shapes
 from authz_plugin.errors import BadRequest
 from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL
 from name_scoper import rewrite
@@ -207,3 +208,20 @@ def test_container_list_drops_what_the_records_do_not_give_the_caller():
     assert asked == [["c1", "adm"]]  # only the label-matched ones are looked up
     # positive control: without the records, the label decides
     assert [c["Id"] for c in json.loads(rewrite.container_list(json.dumps(items).encode(), S))] == ["c1", "adm"]
+
+
+def test_a_rewritten_answer_keeps_every_value_json_loads_read():
+    """Answers are re-encoded by orjson: the same JSON values as before, also
+    where orjson cannot encode (an integer beyond 64 bits, a lone surrogate:
+    json.dumps takes over)."""
+    doc = {"Id": "c1", "Name": f"/{TA}_web", "Labels": {"k": "é<>&\u2028"}, "Size": 2**63 - 1,
+           "Ratio": 0.1, "Big": 1e300, "Neg": -0.0, "Nested": [None, True, False, {"a": []}]}
+    out = rewrite.container_inspect(json.dumps(doc).encode(), S)
+    back = json.loads(out)
+    assert back == dict(doc, Name="/web")
+    assert b'"Name":"/web"' in out and "é".encode() in out  # compact, UTF-8 as the engine writes it
+    for odd in ({"Id": "c1", "Name": "/x", "Huge": 2**64 + 1}, {"Id": "c1", "Name": "/x", "S": "\ud800"}):
+        raw = json.dumps(odd).encode()
+        assert json.loads(rewrite.container_inspect(raw, S)) == odd
+    # control: the request side is unchanged, ASCII-only
+    assert rewrite.canonical(b'{"Cmd":["\xc3\xa9"]}', shapes.EXEC_CONFIG) == b'{"Cmd":["\\u00e9"]}'
