@@ -13,14 +13,18 @@
   record --gil --format raw`` on some processes, its samples, and their sum
   per function;
 * :func:`progress`, :func:`interrupt_on_sigterm` -- progress lines on stderr
-  and SIGTERM as Ctrl-C (both benchmarks clean up in a ``finally``).
+  and SIGTERM as Ctrl-C (both benchmarks clean up in a ``finally``);
+* :class:`Row`, :func:`write_rows`, :func:`read_rows` -- a benchmark's
+  results for the one table that ``run.py`` prints (``--json FILE``).
 
 Import it with this folder on ``sys.path`` (each benchmark puts it there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
@@ -39,7 +43,7 @@ from allow_all_plugin import Reader  # noqa: F401 -- re-exported: the client's H
 
 __all__ = ["Reader", "Client", "unix_connector", "tls_connector", "pct", "ratio", "round_ratio", "cpu_ns",
            "children", "rss_kib", "log_size", "machine", "spy_path", "spy_record", "spy_stacks", "spy_tally",
-           "spy_function", "progress", "interrupt_on_sigterm"]
+           "spy_function", "progress", "interrupt_on_sigterm", "Row", "write_rows", "read_rows"]
 
 
 # -- the client ------------------------------------------------------------------------
@@ -370,3 +374,146 @@ def run_bench(b, work: Callable[[], None], say: Callable[[str], None]) -> int:
     if problems and rc == 0:
         rc = 1
     return rc
+
+
+# -- the one table ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the summary table: a figure of FDCS's path next to the
+    same figure of its references, measured in the same run.
+
+    ``ratio`` is FDCS's figure over ``ratio_of``'s, in the sense of the
+    target: a latency, RSS or CPU ratio (lower is better) or a throughput
+    ratio (higher is better) -- ``target`` says which ("<= 1.3", ">= 0.8",
+    "== 0", "<= 60 MB").  ``met`` is None when the row has no target.
+    ``note`` says what explains a missed target (a profile's summary) or
+    how the figure was taken, briefly.
+    """
+    bench: str                     # plugin, scoper, streams, lifecycle, scale, identity, memory
+    case: str                      # e.g. "inspect by id, c=8"
+    metric: str                    # e.g. "p50 us", "MB/s", "MB RSS"
+    value: float                   # FDCS's figure
+    refs: dict[str, float] = dataclasses.field(default_factory=dict)  # reference name -> its figure
+    ratio_of: str = ""             # the reference the ratio is taken against ("" = none)
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+def write_rows(path: str | Path, rows: Iterable[Row]) -> None:
+    """Write ``rows`` as JSON to ``path`` (``--json FILE`` of every benchmark)."""
+    Path(path).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+
+
+def read_rows(path: str | Path) -> list[Row]:
+    return [Row(**d) for d in json.loads(Path(path).read_text())]
+
+
+# -- raw requests, an extra FDCS plugin (lifecycle.py, scale.py, identity.py) -----------
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection for requests of any method, with a
+    body: the raw-API client of ``lifecycle.py`` and the hook client of
+    ``scale.py``/``identity.py`` (the plugin's socket).  ``target`` as for
+    :class:`Client`; ``headers`` go with every request."""
+
+    def __init__(self, target: str | Callable[[], socket.socket], headers: dict[str, str] | None = None):
+        self.sock = (unix_connector(target) if isinstance(target, str) else target)()
+        self.reader = Reader(self.sock)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+
+    def request(self, method: str, url: str, body: bytes | None = None,
+                content_type: str = "application/json") -> tuple[int, bytes]:
+        """(status, body); raises on a broken connection (never retried:
+        requests here are not idempotent)."""
+        head = f"{method} {url} HTTP/1.1\r\nHost: docker\r\n{self.headers}"
+        if body is not None:
+            head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+        self.sock.sendall(head.encode() + b"\r\n" + (body or b""))
+        status, headers = self.reader.head()
+        return int(status[9:12]), self.reader.body(headers)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def start_fdcs_plugin(cmds, host, conf: str | Path, pidfile: Path, env: dict[str, str] | None = None,
+                      timeout: float = 60) -> tuple[int, str]:
+    """Start the real plugin (``fdcs-authz --config CONF``, as the devstack
+    starts it) for ``host`` (a devstack ``Host``, e.g. ``plugin_inspect``'s
+    ``BenchHost``): its host id, plugin name and socket from ``host``,
+    metrics on a free loopback port, ``env`` (``FDCS_*`` overrides) on top.
+    Waits for ``/Plugin.Activate``; returns ``(pid, metrics URL)``.  The
+    caller stops it by pid (``_procs.terminate``: gunicorn's group) -- with
+    ``pidfile`` = ``plugin_inspect.Bench``'s ``run/plugin-<suffix>.pid`` its
+    ``cleanup`` does."""
+    from authz_plugin.devstack._procs import free_ports, wait_until
+    from authz_plugin.devstack._stack import _authz_command, plugin_ready
+
+    port = free_ports(1)[0]
+    comp = f"fdcs-plugin-{host.suffix}"
+    pid = cmds.spawn(comp, [_authz_command(), "--config", str(conf)], pidfile,
+                     env={"FDCS_HOST_ID": host.name, "FDCS_PLUGIN_NAME": host.plugin_name,
+                          "FDCS_PLUGIN_SOCKET": str(host.plugin_socket),
+                          "FDCS_PLUGIN_METRICS_LISTEN": f"127.0.0.1:{port}", **(env or {})})
+    wait_until(lambda: plugin_ready(host), component=comp, log=cmds.log_path(comp), timeout=timeout, pid=pid)
+    return pid, f"http://127.0.0.1:{port}/metrics"
+
+
+def authz_payload(method: str, uri: str, headers: dict[str, str], body: bytes | None = None,
+                  status: int | None = None, response: bytes | None = None) -> bytes:
+    """An ``AuthZReq`` (``status`` None) or ``AuthZRes`` body as dockerd 20.10
+    sends it to ``/AuthZPlugin.AuthZReq``/``AuthZRes`` (moby
+    pkg/authorization: ``RequestBody``/``ResponseBody`` base64 in Go's JSON
+    of ``[]byte``; the body only when it is JSON under 1 MiB, which a create
+    is; ``RequestHeaders`` the client's headers, one value each)."""
+    import base64
+    # Go's http.Header keys, canonicalised (X-Auth-Tenantid); one value each
+    h = {"-".join(w[:1].upper() + w[1:].lower() for w in k.split("-")): v for k, v in headers.items()}
+    if body is not None:
+        h.setdefault("Content-Type", "application/json")
+        h["Content-Length"] = str(len(body))
+    # moby's field tags: RequestUri (not URI); empty fields omitted (omitempty)
+    p: dict = {"RequestMethod": method, "RequestUri": uri, "RequestHeaders": h}
+    if body is not None:
+        p["RequestBody"] = base64.b64encode(body).decode()
+    if status is not None:
+        p["ResponseStatusCode"] = status
+        p["ResponseHeaders"] = {"Content-Type": "application/json"}
+        if response is not None:
+            p["ResponseBody"] = base64.b64encode(response).decode()
+    return json.dumps(p).encode()
+
+
+#: the body ``/usr/bin/docker create --cgroupns private --label org.fiware.fdcs.tenant=T
+#: --pids-limit 100 --network none busybox true`` sends (Debian's CLI 20.10.24, captured)
+_CLI_CREATE = (
+    '{"Hostname":"","Domainname":"","User":"","AttachStdin":false,"AttachStdout":true,"AttachStderr":'
+    'true,"Tty":false,"OpenStdin":false,"StdinOnce":false,"Env":null,"Cmd":["true"],"Image":"busybox"'
+    ',"Volumes":{},"WorkingDir":"","Entrypoint":null,"OnBuild":null,"Labels":{"org.fiware.fdcs.tenant'
+    '":"{tenant}"},"HostConfig":{"Binds":null,"ContainerIDFile":"","LogConfig":{"Type":"","Config":{}'
+    '},"NetworkMode":"none","PortBindings":{},"RestartPolicy":{"Name":"no","MaximumRetryCount":0},"Au'
+    'toRemove":false,"VolumeDriver":"","VolumesFrom":null,"CapAdd":null,"CapDrop":null,"CgroupnsMode"'
+    ':"private","Dns":[],"DnsOptions":[],"DnsSearch":[],"ExtraHosts":null,"GroupAdd":null,"IpcMode":"'
+    '","Cgroup":"","Links":null,"OomScoreAdj":0,"PidMode":"","Privileged":false,"PublishAllPorts":fal'
+    'se,"ReadonlyRootfs":false,"SecurityOpt":null,"UTSMode":"","UsernsMode":"","ShmSize":0,"ConsoleSi'
+    'ze":[0,0],"Isolation":"","CpuShares":0,"Memory":0,"NanoCpus":0,"CgroupParent":"","BlkioWeight":0'
+    ',"BlkioWeightDevice":[],"BlkioDeviceReadBps":null,"BlkioDeviceWriteBps":null,"BlkioDeviceReadIOp'
+    's":null,"BlkioDeviceWriteIOps":null,"CpuPeriod":0,"CpuQuota":0,"CpuRealtimePeriod":0,"CpuRealtim'
+    'eRuntime":0,"CpusetCpus":"","CpusetMems":"","Devices":[],"DeviceCgroupRules":null,"DeviceRequest'
+    's":null,"KernelMemory":0,"KernelMemoryTCP":0,"MemoryReservation":0,"MemorySwap":0,"MemorySwappin'
+    'ess":-1,"OomKillDisable":false,"PidsLimit":100,"Ulimits":null,"CpuCount":0,"CpuPercent":0,"IOMax'
+    'imumIOps":0,"IOMaximumBandwidth":0,"MaskedPaths":null,"ReadonlyPaths":null},"NetworkingConfig":{'
+    '"EndpointsConfig":{}}}'
+)
+
+
+def cli_create_body(tenant: str) -> bytes:
+    """What the docker CLI sends to ``POST /containers/create`` for a
+    plugin-only ``busybox true`` of ``tenant`` (label, ``--pids-limit 100``,
+    ``--network none``, ``--cgroupns private``: what the plugin requires)."""
+    return _CLI_CREATE.replace("{tenant}", tenant).encode()

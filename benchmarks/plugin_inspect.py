@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""What the FDCS plugin costs a tenant: ``GET /containers/<ref>/json`` latency.
+"""What the FDCS plugin costs a tenant: container inspect and list latency.
 
     python3 benchmarks/plugin_inspect.py [--rounds N] [--requests M] [--warmup W]
                                          [--concurrency 1,8] [--keep-stack DIR]
-                                         [--profile SECONDS]
+                                         [--profile SECONDS] [--json FILE] [--quick]
 
 Three engines (Debian's dockerd 20.10, each in its own network namespace with
 its own data-root, exec-root and socket) are measured side by side:
 
 * ``fdcs``      -- host 1 of a local stack (``fdcs-devstack``): the real
-  plugin (gunicorn gthread, Keystone token cache, Redis ownership);
+  plugin (gunicorn with its own worker, Keystone token cache, Redis ownership);
 * ``allow-all`` -- ``--authorization-plugin`` naming ``allow_all_plugin.py``
   (beside this file): the floor, what the engine's plugin machinery costs;
 * ``no-plugin`` -- no authorization plugin at all.
@@ -19,7 +19,9 @@ On each, one equivalent container (``<tenant>_bench``, the tenant label,
 as alice, so that the plugin records her ownership) is inspected through the
 engine's unix socket over persistent keep-alive connections, with alice's
 ``HttpHeaders`` on every request, by name (on ``fdcs`` the scoped name,
-decided without Redis) and by 12-digit short id (a Redis prefix look-up).
+decided without Redis) and by 12-digit short id (a Redis prefix look-up),
+and listed (``GET /containers/json`` with the tenant's label filter, which
+the plugin requires of a plugin-only list; the same request on every engine).
 Every (concurrency, engine, reference) series runs ``--requests`` requests
 per round, the series of a round in rotating order, for ``--rounds`` rounds;
 a warm-up per series is not counted.  The table gives p50, p99, mean and
@@ -27,7 +29,8 @@ throughput per series, the CPU per request of dockerd and of the plugin, and
 for ``fdcs`` the ratios to ``allow-all`` and ``no-plugin`` at p50 and p99
 (pooled over all rounds; ``rnd`` is the median of the per-round p50 ratios,
 which shrugs off a noisy round) and the plugin's own decision time for the
-request hook, from its audit log.  ``--profile SECONDS`` then samples the
+request hook, from its audit log.  ``--json FILE`` writes the summary rows
+for ``run.py``; ``--quick`` is a smoke run.  ``--profile SECONDS`` then samples the
 plugin's gunicorn workers with ``py-spy record --gil`` while inspecting by
 name, then by id, and lists the heaviest functions in microseconds per
 request.
@@ -55,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from authz_plugin.devstack import Stack
@@ -67,12 +71,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmark code beside this file
 from _common import (Client, children, cpu_ns, log_size, machine, run_bench,  # noqa: E402
-                     pct, progress, ratio, spy_path, spy_record, spy_tally)
+                     pct, progress, ratio, spy_path, spy_record, spy_tally, Row, write_rows)
 ALLOW_ALL = HERE / "allow_all_plugin.py"
 TENANT_LABEL = "org.fiware.fdcs.tenant"
 TARGET_P50_RATIO = 1.3
 ENGINES = ("fdcs", "allow-all", "no-plugin")
-REFS = ("name", "id")
+REFS = ("name", "id", "list")  # inspect by scoped name, by 12-digit id; the tenant's container list
 
 
 class BenchHost(Host):
@@ -259,7 +263,7 @@ class Series:
 def audit_us(log: Path, start: int, end: int) -> dict[str, list[int]]:
     """The plugin's request-hook decision times (audit ``us``) logged between
     two offsets of its log, by reference kind of ``/containers/REF/json``."""
-    out: dict[str, list[int]] = {"name": [], "id": []}
+    out: dict[str, list[int]] = {r: [] for r in REFS}
     try:
         with open(log, "rb") as f:
             f.seek(start)
@@ -274,14 +278,22 @@ def audit_us(log: Path, start: int, end: int) -> dict[str, list[int]]:
         except ValueError:
             continue
         parts = rec.get("path", "").split("/")
-        if len(parts) == 4 and parts[1] == "containers" and parts[3] == "json" and rec.get("allow"):
+        if rec.get("path") == "/containers/json" and rec.get("allow"):
+            out["list"].append(int(rec.get("us", 0)))
+        elif len(parts) == 4 and parts[1] == "containers" and parts[3] == "json" and rec.get("allow"):
             out["name" if "_" in parts[2] else "id"].append(int(rec.get("us", 0)))
     return out
 
 
+def url(b: Bench, engine: str, ref: str) -> str:
+    if ref == "list":  # what the plugin asks of a plugin-only list: the tenant's label filter (same on every engine)
+        f = urllib.parse.quote(json.dumps({"label": [f"{TENANT_LABEL}={b.tenant}"]}, separators=(",", ":")))
+        return f"/v1.41/containers/json?filters={f}"
+    return f"/v1.41/containers/{b.name if ref == 'name' else b.ids[engine][:12]}/json"
+
+
 def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tuple[list[Series], dict[str, list[int]]]:
-    urls = {(e, r): f"/v1.41/containers/{b.name if r == 'name' else b.ids[e][:12]}/json"
-            for e in ENGINES for r in REFS}
+    urls = {(e, r): url(b, e, r) for e in ENGINES for r in REFS}
     clients = {e: Client(b.sockets[e], conc, b.headers) for e in ENGINES}
     series = [Series(conc, e, r) for r in REFS for e in ENGINES]
     try:
@@ -313,13 +325,15 @@ def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tup
 # -- report ------------------------------------------------------------------------
 
 
-def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]]], args, load: tuple) -> str:
+def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]]], args,
+           load: tuple) -> tuple[str, list[Row]]:
     ver = unix_http(b.sockets["no-plugin"], "GET", "/v1.41/version", timeout=5)
     dockerd = json.loads(ver[1]).get("Version", "?") if ver and ver[0] == 200 else "?"
     lines = machine() + [
         f"engines  dockerd {dockerd} (Debian docker.io), each in its own netns; fdcs: fdcs-authz "
-        "(gunicorn gthread, the stack's configuration), allow-all: benchmarks/allow_all_plugin.py",
-        f"run      GET /v1.41/containers/<ref>/json over keep-alive unix-socket connections, {args.rounds} rounds "
+        "(gunicorn, worker authz_plugin.worker, the stack's configuration), allow-all: benchmarks/allow_all_plugin.py",
+        f"run      GET /v1.41/containers/<ref>/json (name, id) and /v1.41/containers/json?filters=<tenant label> "
+        f"(list) over keep-alive unix-socket connections, {args.rounds} rounds "
         f"x {args.requests} requests per series, warm-up {args.warmup} per series not counted, series "
         f"interleaved round-robin; load average {load[0]:.2f} before, {load[1]:.2f} after",
         "columns  latency per request (us) and throughput; CPU per request (us) of dockerd and of the plugin "
@@ -333,6 +347,7 @@ def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]
             f"{'fdcs/none p50':>13} {'p99':>5} {'rnd':>5} | {'audit':>5}")
     lines += [head, "-" * len(head)]
     verdicts = []
+    rows: list[Row] = []
     for conc, series, aud in results:
         by = {(s.engine, s.ref): s for s in series}
         for ref in REFS:
@@ -358,13 +373,24 @@ def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]
                     us = aud.get(ref, [])
                     row += f" {cols[0]} | {cols[1]} | " + (f"{statistics.median(us):>5.0f}" if us else f"{'-':>5}")
                     verdicts.append((conc, ref, x["p50"] / st["allow-all"]["p50"]))
+                    case = f"{'list' if ref == 'list' else 'inspect by ' + ref}, c={conc}"
+                    refs = {e: st[e] for e in ("allow-all", "no-plugin")}
+                    r50 = x["p50"] / st["allow-all"]["p50"]
+                    rows.append(Row("plugin", case, "p50 us", round(x["p50"]), {e: round(o["p50"]) for e, o in refs.items()},
+                                    "allow-all", round(r50, 2), f"<= {TARGET_P50_RATIO}", r50 <= TARGET_P50_RATIO,
+                                    f"per-round median ratio {statistics.median(p / q for p, q in zip(x['rounds'], st['allow-all']['rounds'])):.2f}; "
+                                    f"plugin CPU {x['pcpu']:.0f} us/req vs {st['allow-all']['pcpu']:.0f}"))
+                    rows.append(Row("plugin", case, "p99 us", round(x["p99"]), {e: round(o["p99"]) for e, o in refs.items()},
+                                    "allow-all", round(x["p99"] / st["allow-all"]["p99"], 2)))
+                    rows.append(Row("plugin", case, "req/s", round(x["tput"]), {e: round(o["tput"]) for e, o in refs.items()},
+                                    "allow-all", round(x["tput"] / st["allow-all"]["tput"], 2)))
                 lines.append(row.rstrip(" |"))
         lines.append("")
     for conc, ref, r in verdicts:
         ok = "meets" if r <= TARGET_P50_RATIO else "MISSES"
         lines.append(f"target fdcs/allow-all p50 <= {TARGET_P50_RATIO}: concurrency {conc}, by {ref}: {r:.2f} "
                      f"-- {ok} the target")
-    return "\n".join(lines)
+    return "\n".join(lines), rows
 
 
 # -- profile -------------------------------------------------------------------------
@@ -372,7 +398,7 @@ def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]
 #: frames every sample of a worker thread or loop goes through: not informative
 _TRIVIAL = ("threading.py", "concurrent/futures/thread.py", "fdcs-authz", "authz_plugin/server.py",
             "gunicorn/app/base.py", "gunicorn/arbiter.py", "Worker.init_process", "ThreadWorker.init_process",
-            "ThreadWorker.run ")
+            "ThreadWorker.run ", "HookWorker.run ")
 
 
 def profile(b: Bench, seconds: float, rate: int) -> str:
@@ -391,14 +417,14 @@ def profile(b: Bench, seconds: float, rate: int) -> str:
            "function was on the stack of the thread holding the GIL (running Python, or descheduled while "
            "holding it), inclusive; * = the plugin's own code (authz_plugin/)"]
     for ref in REFS:
-        url = f"/v1.41/containers/{b.name if ref == 'name' else b.ids['fdcs'][:12]}/json"
+        target = url(b, "fdcs", ref)
         client = Client(b.sockets["fdcs"], 1, b.headers)
         files = [b.tmp / f"spy-{ref}-{w}.txt" for w in workers]
 
         def load(deadline: float) -> int:
             n = 0
             while time.monotonic() < deadline:
-                client.batch(url, 50)
+                client.batch(target, 50)
                 n += 50
             return n
 
@@ -409,7 +435,7 @@ def profile(b: Bench, seconds: float, rate: int) -> str:
         total, incl, _ = spy_tally(files, _TRIVIAL)
         # an idle worker holds no GIL and yields no sample: all samples fall in the load
         per_req = 1e6 / rate / max(n, 1)
-        out.append(f"  by {ref}: {n} requests, {total} samples, {total * per_req:.0f} us GIL time per request")
+        out.append(f"  {ref}: {n} requests, {total} samples, {total * per_req:.0f} us GIL time per request")
         for fn, k in sorted(incl.items(), key=lambda kv: -kv[1])[:22]:
             tag = "*" if "authz_plugin/" in fn else " "
             out.append(f"    {k * per_req:7.0f} us {tag} {fn}")
@@ -431,12 +457,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="uncounted requests per series before the rounds (default 100)")
     ap.add_argument("--concurrency", default="1,8", metavar="C,...",
                     help="client connections per engine, one pass each (default 1,8)")
-    ap.add_argument("--profile", type=float, metavar="SECONDS", default=0,
-                    help="afterwards, sample the FDCS plugin with py-spy for SECONDS per reference (needs py-spy)")
+    ap.add_argument("--profile", type=float, metavar="SECONDS", default=6,
+                    help="when a target is missed, sample the FDCS plugin with py-spy for SECONDS per reference "
+                         "(default 6; 0: never)")
     ap.add_argument("--profile-rate", type=int, default=250, metavar="HZ", help="py-spy sampling rate (default 250)")
     ap.add_argument("--keep-stack", metavar="DIR",
                     help="use (or bring up) the devstack in DIR and leave it running afterwards")
+    ap.add_argument("--json", metavar="FILE", help="also write the summary rows to FILE (for run.py)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 3 rounds x 60 requests, warm-up 20")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.requests, args.warmup = 3, 60, 20
     concs = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.rounds < 1 or args.requests < 1 or not concs or min(concs) < 1:
         ap.error("--rounds, --requests and every --concurrency must be at least 1")
@@ -453,8 +484,11 @@ def main(argv: list[str] | None = None) -> int:
             say(f"measuring at concurrency {conc}")
             series, aud = measure(b, conc, args.rounds, args.requests, args.warmup)
             results.append((conc, series, aud))
-        print(report(b, results, args, (load0, os.getloadavg()[0])), flush=True)
-        if args.profile > 0:
+        text, rows = report(b, results, args, (load0, os.getloadavg()[0]))
+        print(text, flush=True)
+        if args.json:
+            write_rows(args.json, rows)
+        if args.profile > 0 and any(r.met is False for r in rows):
             say(f"profiling the FDCS plugin for {2 * max(args.profile, 3.0):.0f} s")
             print("\n" + profile(b, max(args.profile, 3.0), args.profile_rate), flush=True)
 
