@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdcs-authz: configuration {args.config} is valid")
         return 0
     _logging(cfg["plugin.log_level"])
+    from . import audit
+    audit.write_directly(sys.stderr.fileno())
 
     from . import metrics
 
