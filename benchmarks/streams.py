@@ -408,14 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cp-mib", type=int, metavar="S", help="docker cp file size in MiB (default 256; quick 32)")
     ap.add_argument("--exec-mib", type=int, metavar="S", help="bytes echoed by exec -i, MiB (default 64; quick 8)")
     ap.add_argument("--log-lines", type=int, metavar="N",
-                    help="lines read by logs -f (default 1000000; quick 50000)")
+                    help="lines read by logs -f (default 100000; quick 50000); the engine keeps at most "
+                         "max-size x max-file of json-file log (devstack: 3 x 10 MiB, about 400,000 such lines): "
+                         "more would be rotated away before they are read")
     ap.add_argument("--keep-stack", metavar="DIR",
                     help="use (or bring up) the devstack in DIR and leave it running afterwards")
     ap.add_argument("--json", metavar="FILE", help="write the summary Rows to FILE (for run.py)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke run of well under 2 minutes")
     args = ap.parse_args(argv)
     for name, full, quick in (("reps", 3, 2), ("cp_mib", 256, 32), ("exec_mib", 64, 8),
-                              ("log_lines", 1_000_000, 50_000)):
+                              ("log_lines", 100_000, 50_000)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     if min(args.reps, args.cp_mib, args.exec_mib, args.log_lines) < 1:
