@@ -1,6 +1,6 @@
 """The audit trail: one JSON line per decision on the ``fdcs.audit`` logger
-(in ``fdcs-authz``, written straight to stderr in the log format: see
-:func:`write_directly`).
+(in ``fdcs-authz``, written straight to stderr in the log format:
+``logfmt.DirectLines``).
 
 Fields: ``ts`` (epoch seconds), ``hook`` (request or response), ``rid``
 (request id: the client's ``X-Request-Id`` when sane, else generated),
@@ -20,45 +20,21 @@ installed one (``audit_stream.py``; never blocks the decision).
 from __future__ import annotations
 
 import json
-import logging
-import os
 import time
 from typing import Any, Mapping
 
-from . import audit_stream, metrics
+from . import audit_stream, logfmt, metrics
 
-log = logging.getLogger("fdcs.audit")
-
-#: the file descriptor of :func:`write_directly`, or None: through ``logging``
-_fd: int | None = None
-
-
-def write_directly(fd: int) -> None:
-    """Write the audit lines straight to ``fd`` (``fdcs-authz``: stderr), in
-    the daemons' log format (``%(asctime)s %(levelname)s %(name)s
-    [%(process)d] %(message)s``), one ``write`` per line, still only when the
-    ``fdcs.audit`` logger is enabled for INFO.  A line per decision through
-    ``logging`` (a record, a formatter, a handler's lock and flush) cost the
-    plugin's workers about as much as the decision itself; the line is the
-    same, and it is still written before the decision is answered."""
-    global _fd
-    _fd = fd
-
-
-def _emit(text: str) -> None:
-    if _fd is None:
-        log.info(text)
-        return
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-    os.write(_fd, f"{stamp},{int(now % 1 * 1000):03d} INFO fdcs.audit [{os.getpid()}] {text}\n".encode())
+#: the audit lines; ``fdcs-authz`` sends them straight to stderr (``lines.to_fd``)
+lines = logfmt.DirectLines("fdcs.audit")
 
 
 def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str, str], resource: str,
           result: Mapping[str, Any], reason: str, t0: float) -> None:
     # the metrics count every decision, whatever the log level
     metrics.decision(hook, bool(result.get("Allow")), reason, time.perf_counter() - t0)
-    if not log.isEnabledFor(logging.INFO) and not audit_stream.active():
+    logged = lines.enabled()
+    if not logged and not audit_stream.active():
         return
     line = {
         "ts": round(time.time(), 3),
@@ -77,4 +53,5 @@ def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str
         line["msg"] = result.get("Msg", "")
     text = json.dumps(line, separators=(",", ":"))
     audit_stream.submit(text)
-    _emit(text)
+    if logged:
+        lines.write(text)

@@ -21,26 +21,12 @@ serves it from ``when_ready`` on, drops dead workers' gauges in
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from . import logfmt
 from .config import DEFAULT_PATH, load, reference
 from .errors import ConfigError
-
-
-def _logging(level: str) -> None:
-    # Every decision writes an audit line: skip what the format does not
-    # show (the logging HOWTO's "Optimization": the caller's frame, thread
-    # and multiprocessing names are looked up for every record otherwise).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"fdcs-authz: configuration {args.config} is valid")
         return 0
-    _logging(cfg["plugin.log_level"])
+    logfmt.configure(cfg["plugin.log_level"])
     from . import audit
-    audit.write_directly(sys.stderr.fileno())
+    audit.lines.to_fd(sys.stderr.fileno())
 
     from . import metrics
 

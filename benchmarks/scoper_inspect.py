@@ -253,7 +253,7 @@ _TRIVIAL = ("threading.py", "concurrent/futures/thread.py", "fdcs-name-scoper", 
 #: what a sample of the scoper was doing: the first phase (in this order)
 #: one of whose patterns is in any frame of its stack; else by its top frame
 _PHASES = (
-    ("access log line (_Record.log: json.dumps, logging)", ("_Record.log (",)),
+    ("access log line and metrics (_Record.log)", ("_Record.log (",)),
     ("identity: authenticate + hop to its thread pool", ("IdentityService.", "run_in_executor (",
                                                           "concurrent/futures/", "(threading.py",
                                                           "_call_set_state (", "_copy_future_state (")),
@@ -263,7 +263,7 @@ _PHASES = (
                                                        "RawStream.abort (", "RawStream.close (",
                                                        "RawStream.connection_made (", "_call_connection_lost (")),
     ("TLS record layer (TLSStream over ssl.MemoryBIO)", ("TLSStream.", "(ssl.py")),
-    ("h11: parse and serialize (client and engine sides)", ("(h11/",)),
+    ("HTTP/1.1: parse and serialize, both sides (name_scoper/http1.py)", ("(name_scoper/http1.py",)),
 )
 
 
@@ -272,8 +272,8 @@ def _phase(frames: list[str]) -> str:
         if any(p in f for f in frames for p in patterns):
             return name
     top = frames[-1] if frames else ""
-    if "(asyncio/" in top or "(selectors.py" in top:
-        return "event loop: callbacks, tasks, futures, epoll (asyncio, selectors)"
+    if "(asyncio/" in top or "(selectors.py" in top or "(uvloop/" in top:
+        return "event loop: callbacks, tasks, futures (asyncio, uvloop)"
     if "(name_scoper/" in top:
         return "the proxy's own code (name_scoper/proxy.py, _streams.py, ...)"
     return f"other (top frame in {_module(spy_function(top))})"

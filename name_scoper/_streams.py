@@ -39,7 +39,7 @@ import socket
 import ssl
 from typing import Callable
 
-import h11
+from . import http1
 
 #: largest piece ``TLSStream.recv`` assembles before returning
 RECV_SIZE = 64 * 1024
@@ -376,11 +376,11 @@ async def open_unix(path: str, timeout: float) -> RawStream:
     return proto
 
 
-async def h11_next(conn, stream):
-    """The next h11 event of ``conn``, reading ``stream`` as h11 needs more."""
+async def http_next(conn, stream):
+    """The next ``http1`` event of ``conn``, reading ``stream`` as it needs more."""
     while True:
         ev = conn.next_event()
-        if ev is h11.NEED_DATA:
+        if ev is http1.NEED_DATA:
             conn.receive_data(await stream.recv())
             continue
         return ev

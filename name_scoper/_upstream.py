@@ -1,4 +1,5 @@
-"""The engine side of the proxy: one unix-socket connection per request, in h11.
+"""The engine side of the proxy: one unix-socket connection per request, in HTTP/1.1
+(``http1``).
 
 :class:`Upstream` is one request/response exchange on a fresh connection to
 the engine (never reused: a second request never shares a connection with a
@@ -14,11 +15,10 @@ from __future__ import annotations
 import asyncio
 from typing import Iterable
 
-import h11
-
 from authz_plugin.errors import Unavailable
 
-from ._streams import RawStream, StreamClosed, h11_next, open_unix
+from . import http1
+from ._streams import RawStream, StreamClosed, http_next, open_unix
 from .exchange import MAX_RESPONSE_JSON, Headers
 
 #: the largest request or response head accepted (headers included)
@@ -39,19 +39,19 @@ SUBREQUEST_HEADERS = (b"x-auth-token", b"x-auth-tenantid", b"x-request-id")
 
 
 async def read_capped(next_event, limit: int, broken) -> bytes | None:
-    """Collect one h11 message body: the bytes, or None when it is over
+    """Collect one message body (``http1`` events): the bytes, or None when it is over
     ``limit``; any other event raises ``broken()``."""
     parts: list[bytes] = []
     size = 0
     while True:
         ev = await next_event()
         kind = type(ev)
-        if kind is h11.Data:
+        if kind is http1.Data:
             size += len(ev.data)
             if size > limit:
                 return None
             parts.append(ev.data)
-        elif kind is h11.EndOfMessage:
+        elif kind is http1.EndOfMessage:
             return b"".join(parts)
         else:
             raise broken()
@@ -81,11 +81,11 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = 
 class Upstream:
     """One exchange with the engine on its own connection."""
 
-    __slots__ = ("stream", "h11")
+    __slots__ = ("stream", "http")
 
     def __init__(self, stream: RawStream):
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.http = http1.Connection(http1.CLIENT, max_incomplete_event_size=MAX_HEAD)
 
     @classmethod
     async def connect(cls, path: str, timeout: float) -> "Upstream":
@@ -95,35 +95,35 @@ class Upstream:
             raise EngineUnavailable() from e
 
     def send(self, event) -> None:
-        data = self.h11.send(event)
+        data = self.http.send(event)
         if data:
             self.stream.write(data)
 
     async def next_event(self):
-        """The next h11 event from the engine; :class:`EngineUnavailable`
+        """The next ``http1`` event from the engine; :class:`EngineUnavailable`
         when the engine breaks the protocol or the connection."""
         try:
-            return await h11_next(self.h11, self.stream)
-        except (h11.RemoteProtocolError, StreamClosed) as e:
+            return await http_next(self.http, self.stream)
+        except (http1.RemoteProtocolError, StreamClosed) as e:
             raise EngineUnavailable() from e
 
     def buffered_event(self):
-        """The next h11 event from what was already read (no I/O), or
-        ``h11.NEED_DATA``; :class:`EngineUnavailable` as :meth:`next_event`."""
+        """The next ``http1`` event from what was already read (no I/O), or
+        ``http1.NEED_DATA``; :class:`EngineUnavailable` as :meth:`next_event`."""
         try:
-            return self.h11.next_event()
-        except h11.RemoteProtocolError as e:
+            return self.http.next_event()
+        except http1.RemoteProtocolError as e:
             raise EngineUnavailable() from e
 
     async def response_head(self):
-        """The engine's :class:`h11.Response`, or its ``101``
-        :class:`h11.InformationalResponse`; other 1xx answers are dropped."""
+        """The engine's :class:`http1.Response`, or its ``101``
+        :class:`http1.InformationalResponse`; other 1xx answers are dropped."""
         while True:
             ev = await self.next_event()
             kind = type(ev)
-            if kind is h11.Response:
+            if kind is http1.Response:
                 return ev
-            if kind is h11.InformationalResponse:
+            if kind is http1.InformationalResponse:
                 if ev.status_code == 101:
                     return ev
                 continue
@@ -134,12 +134,12 @@ class Upstream:
         return await read_capped(self.next_event, limit, EngineUnavailable)
 
     def buffered_body(self) -> bytes:
-        """Body bytes h11 already holds after a close-delimited response head
+        """Body bytes already read after a close-delimited response head
         (the engine's old ``200`` raw stream), for the raw copy to send first."""
         parts = []
         while True:
-            ev = self.h11.next_event()
-            if type(ev) is h11.Data:
+            ev = self.http.next_event()
+            if type(ev) is http1.Data:
                 parts.append(ev.data)
             else:
                 return b"".join(parts)
@@ -180,10 +180,10 @@ class EngineClient:
             async with asyncio.timeout(self._timeout):
                 up = await Upstream.connect(self._path, self._connect_timeout)
                 try:
-                    up.send(h11.Request(method=method, target=target, headers=headers))
+                    up.send(http1.Request(method=method, target=target, headers=headers))
                     if body:
-                        up.send(h11.Data(data=body))
-                    up.send(h11.EndOfMessage())
+                        up.send(http1.Data(data=body))
+                    up.send(http1.EndOfMessage())
                     head = await up.response_head()
                     if head.status_code == 101:
                         raise EngineUnavailable()

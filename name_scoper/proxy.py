@@ -1,12 +1,12 @@
-"""The tenants' front door: an asyncio + h11 proxy to the engine's unix socket.
+"""The tenants' front door: an asyncio HTTP/1.1 proxy to the engine's unix socket.
 
 One client connection (TLS on the tenant side) may carry many requests
 (keep-alive, pipelining); each request gets:
 
-1. strict framing: h11 parses the head; a request h11 refuses, or one with
-   obsolete line folding, more than one ``Content-Length``, or
-   ``Content-Length`` together with ``Transfer-Encoding`` is answered 400
-   and the connection closed -- nothing of it reaches the engine;
+1. strict framing: ``http1`` parses the head; a request it refuses
+   (among others: obsolete line folding, more than one ``Content-Length``,
+   ``Content-Length`` together with ``Transfer-Encoding``) is answered 400
+   (501, 431) and the connection closed -- nothing of it reaches the engine;
 2. the break-glass admin-key header (``keystone.admin_key_header``) removed,
    always, before anything else sees the headers;
 3. an identity: ``identity.authenticate(headers, source=peer_ip)`` in a
@@ -17,7 +17,7 @@ One client connection (TLS on the tenant side) may carry many requests
    rewriting, ``handlers.py``; see ``exchange.py``), whose
    :class:`~name_scoper.exchange.Exchange` says what to send and how to
    treat the bodies, or rejects;
-5. its OWN new connection to the engine: the request re-serialized by h11
+5. its OWN new connection to the engine: the request re-serialized by ``http1``
    (never the client's bytes), ``X-Request-Id`` set, the body streamed (or
    buffered and rewritten), the response streamed back (or buffered,
    rewritten line by line), or -- on ``101`` or the engine's old ``200`` raw
@@ -46,13 +46,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Mapping
 
-import h11
+import orjson
 
-from authz_plugin import metrics
+from authz_plugin import logfmt, metrics
 from authz_plugin.errors import FdcsError
 
+from . import http1
 from ._raw import splice
-from ._streams import RawStream, StreamClosed, TLSStream, h11_next
+from ._streams import RawStream, StreamClosed, TLSStream, http_next
 from ._upstream import (MAX_HEAD, MSG_ENGINE_UNAVAILABLE, EngineClient, EngineUnavailable, read_capped,
                         Upstream, end_to_end)
 from .exchange import MAX_JSON, MAX_RESPONSE_JSON, Engine, Exchange, Headers
@@ -60,7 +61,8 @@ from .exchange import MAX_JSON, MAX_RESPONSE_JSON, Engine, Exchange, Headers
 __all__ = ["ScoperServer", "serve", "pass_through", "default_prepare", "Prepare"]
 
 LOG = logging.getLogger(__name__)
-ACCESS = logging.getLogger("name_scoper.access")
+#: the access lines (``fdcs-name-scoper`` writes them straight to stderr)
+ACCESS = logfmt.DirectLines("name_scoper.access")
 
 #: the version check, with or without a version prefix, nothing after it
 _PING = re.compile(r"(?:/v1\.\d+)?/_ping")
@@ -80,12 +82,8 @@ MAX_LINE = MAX_JSON
 MSG_413 = f"the request body is over {MAX_JSON // 1024} KiB, the most this service rewrites"
 MSG_RESPONSE_TOO_LARGE = "the Docker engine's answer is too large for this service to rewrite"
 
-_HEAD_END = re.compile(rb"\n\r?\n")
-_OBS_FOLD = re.compile(rb"\n[ \t]")
-_CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:([^\r\n]*)")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _HIJACK_PATH = re.compile(r"/(?:containers/[^/]+/attach|exec/[^/]+/start)$")
-_QUOTED = re.compile(r":?\s*(?:bytearray\(|b['\"]).*$", re.S)
 _RAW_TYPES = (b"application/vnd.docker.raw-stream", b"application/vnd.docker.multiplexed-stream")
 _JSON = (b"content-type", b"application/json")
 _PLAIN_HTTP_MESSAGE = (b'{"message": "this service speaks TLS only: use --tlsverify (or DOCKER_TLS_VERIFY=1) '
@@ -115,31 +113,10 @@ def default_prepare() -> Prepare:
     return handlers.prepare
 
 
-class _BadFraming(Exception):
-    pass
-
-
-class _ClientGone(Exception):
-    pass
-
-
-def _framing_problem(head_src: bytes, request: h11.Request) -> str | None:
-    """What h11 lets through but this proxy refuses (request smuggling)."""
-    m = _HEAD_END.search(head_src)
-    head = head_src[:m.end()] if m else head_src
-    if _OBS_FOLD.search(head):
-        return "obsolete line folding in request headers is not accepted"
-    lengths = _CONTENT_LENGTH.findall(head)
-    if len(lengths) > 1 or any(b"," in v for v in lengths):
-        return "more than one Content-Length is not accepted"
-    if lengths and any(n == b"transfer-encoding" for n, _ in request.headers):
-        return "Content-Length together with Transfer-Encoding is not accepted"
-    return None
-
-
-def _bad_request(e: h11.RemoteProtocolError) -> str:
-    """h11's complaint without the bytes it quotes (they may hold a token)."""
-    return "bad request: " + _QUOTED.sub("", str(e))
+def _bad_request(e: http1.RemoteProtocolError) -> str:
+    """The parser's complaint, for the client (it quotes no bytes: they may
+    hold a token)."""
+    return str(e) if e.plain else "bad request: " + str(e)
 
 
 def _reason(status: int) -> bytes:
@@ -149,7 +126,7 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-def _is_raw_stream(resp: h11.Response) -> bool:
+def _is_raw_stream(resp: http1.Response) -> bool:
     """The engine's old hijack answer: 200, a raw-stream content type, and
     no framing (the body runs until the connection closes)."""
     if resp.status_code != 200:
@@ -227,17 +204,14 @@ class _Record:
         # 499: the client went away, no answer's head to time
         head = self.t_head - self.t0 if self.t_head is not None and self._status != 499 else None
         metrics.scoper_request(self.method, self.path, self._status, head, self.received, self.sent)
-        if not ACCESS.isEnabledFor(logging.INFO):
+        if not ACCESS.enabled():
             return
         line = {"rid": self.rid, "tenant": self.tenant, "user": self.user, "method": self.method,
                 "path": self.path, "status": self.status, "bytes": self.sent,
                 "ms": round((time.perf_counter() - self.t0) * 1000, 1), "peer": self.peer}
         if self.received:
             line["in"] = self.received
-        # makeRecord + handle is ACCESS.info without the caller lookup (a
-        # walk up the stack, a third of the call): the format names no source
-        ACCESS.handle(ACCESS.makeRecord(ACCESS.name, logging.INFO, "", 0,
-                                        json.dumps(line, separators=(",", ":")), None, None))
+        ACCESS.write(orjson.dumps(line).decode())
 
 
 class _Client:
@@ -247,7 +221,7 @@ class _Client:
         self.s = server
         self.stream = stream
         self.peer = peer
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.http = http1.Connection(http1.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.idle = True
         self.task = asyncio.current_task()
         self._gone = False
@@ -259,22 +233,22 @@ class _Client:
     # -- client side I/O ----------------------------------------------------------
 
     def send(self, event) -> None:
-        data = self.h11.send(event)
+        data = self.http.send(event)
         if data:
             self.stream.write(data)
 
-    def send_message(self, response: h11.Response, body: bytes) -> None:
+    def send_message(self, response: http1.Response, body: bytes) -> None:
         """A whole response (head, ``body``, end) in ONE write: one TLS
         record and one segment rather than one per part."""
-        conn = self.h11
+        conn = self.http
         data = conn.send(response)
         if body:
-            data += conn.send(h11.Data(data=body))
-        data += conn.send(h11.EndOfMessage())
+            data += conn.send(http1.Data(data=body))
+        data += conn.send(http1.EndOfMessage())
         self.stream.write(data)
 
     async def next_event(self):
-        return await h11_next(self.h11, self.stream)
+        return await http_next(self.http, self.stream)
 
     def _went_away(self) -> None:
         # the client's FIN while nobody reads: it gave up on this request
@@ -321,9 +295,9 @@ class _Client:
                     raise
                 self.task.uncancel()
                 return
-            except h11.RemoteProtocolError as e:
+            except http1.RemoteProtocolError as e:
                 self._head_deadline = None
-                if not self.stream.lost and self.h11.their_state is h11.ERROR and not self._eof_seen():
+                if not self.stream.lost and self.http.their_state is http1.ERROR and not self._eof_seen():
                     await self._protocol_error(e.error_status_hint, _bad_request(e))
                 return
             except StreamClosed:
@@ -334,37 +308,28 @@ class _Client:
             self.idle = False
             if not await self._exchange(req):
                 return
-            self.h11.start_next_cycle()
+            self.http.start_next_cycle()
 
     def _eof_seen(self) -> bool:
-        return self.h11.trailing_data[1]
+        return self.http.trailing_data[1]
 
-    async def _read_head(self) -> h11.Request | None:
-        conn = self.h11
-        pending = conn.trailing_data[0]  # a pipelined request
-        if pending:
+    async def _read_head(self) -> http1.Request | None:
+        conn = self.http
+        if conn.trailing_data[0]:  # a pipelined request
             self.idle = False
-        fed: list[bytes] = []
         while True:
             ev = conn.next_event()
-            if ev is h11.NEED_DATA:
+            if ev is http1.NEED_DATA:
                 data = await self.stream.recv()
                 if data:
                     self.idle = False
-                    fed.append(data)
                 conn.receive_data(data)
                 continue
-            kind = type(ev)
-            if kind is h11.Request:
-                src = fed[0] if not pending and len(fed) == 1 else pending + b"".join(fed)
-                problem = _framing_problem(src, ev)
-                if problem:
-                    await self._protocol_error(400, problem, ev)
-                    return None
+            if type(ev) is http1.Request:
                 return ev
             return None  # ConnectionClosed
 
-    async def _protocol_error(self, status: int, message: str, req: h11.Request | None = None) -> None:
+    async def _protocol_error(self, status: int, message: str, req: http1.Request | None = None) -> None:
         rec = _Record(req.method.decode("ascii", "replace") if req else "-",
                       req.target.decode("ascii", "replace") if req else "-", self.peer)
         rec.rid = secrets.token_hex(8)
@@ -373,10 +338,10 @@ class _Client:
                    (b"x-request-id", rec.rid.encode())]
         try:
             try:
-                self.send(h11.Response(status_code=status, reason=_reason(status), headers=headers))
-                self.send(h11.Data(data=body))
-                self.send(h11.EndOfMessage())
-            except h11.LocalProtocolError:
+                self.send(http1.Response(status_code=status, reason=_reason(status), headers=headers))
+                self.send(http1.Data(data=body))
+                self.send(http1.EndOfMessage())
+            except http1.LocalProtocolError:
                 reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large",
                           501: b"Not Implemented"}.get(status, b"Error")
                 self.stream.write(b"HTTP/1.1 %d %s\r\n" % (status, reason)
@@ -390,7 +355,7 @@ class _Client:
 
     # -- one request -----------------------------------------------------------------
 
-    async def _exchange(self, req: h11.Request) -> bool:
+    async def _exchange(self, req: http1.Request) -> bool:
         """Serve one request; True when the connection may carry another."""
         rec = _Record(req.method.decode("ascii"), req.target.decode("ascii"), self.peer)
         try:
@@ -404,17 +369,17 @@ class _Client:
         except StreamClosed:
             rec.status = rec.status or 499  # the client went away
             return False
-        except h11.RemoteProtocolError as e:
-            # a request body h11 cannot read (bad chunked framing): whatever
+        except http1.RemoteProtocolError as e:
+            # a request body http1 cannot read (bad chunked framing): whatever
             # reached the engine of it is cut off with the engine connection
-            if self.h11.our_state is h11.SEND_RESPONSE:
+            if self.http.our_state is http1.SEND_RESPONSE:
                 body = json.dumps({"message": _bad_request(e)}).encode()
-                self.send(h11.Response(status_code=e.error_status_hint,
+                self.send(http1.Response(status_code=e.error_status_hint,
                                        reason=_reason(e.error_status_hint), headers=[
                     _JSON, (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
                     (b"x-request-id", rec.rid.encode())]))
-                self.send(h11.Data(data=body))
-                self.send(h11.EndOfMessage())
+                self.send(http1.Data(data=body))
+                self.send(http1.EndOfMessage())
                 rec.status, rec.sent = e.error_status_hint, len(body)
                 await self.stream.drain()
             return False
@@ -422,7 +387,7 @@ class _Client:
             self.stream.on_eof(None)
             rec.log()
 
-    async def _serve(self, req: h11.Request, rec: _Record) -> bool:
+    async def _serve(self, req: http1.Request, rec: _Record) -> bool:
         s = self.s
         method, target = rec.method, req.target.decode("ascii")
 
@@ -509,7 +474,7 @@ class _Client:
             # engine's answer (the client would get a 502 for a refusal).
             self._continue()
             body = await self._read_capped(SMALL_BODY)
-            if body is None:  # more than Content-Length announced: h11 refuses that first
+            if body is None:  # cannot be: the body reader stops at its Content-Length
                 return await self._answer(req, rec, 400, "the request body is longer than its Content-Length")
             rec.received += len(body)
             framing = [(b"content-length", b"%d" % len(body))]
@@ -544,12 +509,12 @@ class _Client:
     async def _forward(self, req, rec, ex: Exchange, up: Upstream, out: Headers,
                        body: bytes | None, has_body: bool, wants_upgrade: bool) -> bool:
         try:
-            up.send(h11.Request(method=ex.method, target=ex.target, headers=out))
+            up.send(http1.Request(method=ex.method, target=ex.target, headers=out))
             if body is not None:
                 if body:
-                    up.send(h11.Data(data=body))
-                up.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
+                    up.send(http1.Data(data=body))
+                up.send(http1.EndOfMessage())
+        except http1.LocalProtocolError:
             LOG.exception("the rewriting produced an invalid request (request %s)", rec.rid)
             return await self._answer(req, rec, 500, f"internal error (request id {rec.rid})")
         except StreamClosed:
@@ -581,7 +546,7 @@ class _Client:
                 pump.cancel()
             raise
 
-        if type(head) is h11.InformationalResponse:  # 101
+        if type(head) is http1.InformationalResponse:  # 101
             self.stream.on_eof(None)
             if pump is not None:
                 await pump
@@ -621,16 +586,16 @@ class _Client:
         while True:
             ev = await self.next_event()
             kind = type(ev)
-            if kind is h11.Data:
+            if kind is http1.Data:
                 rec.received += len(ev.data)
                 try:
                     up.send(ev)
                     await up.stream.drain()
                 except StreamClosed:
                     return False
-            elif kind is h11.EndOfMessage:
+            elif kind is http1.EndOfMessage:
                 try:
-                    up.send(h11.EndOfMessage())
+                    up.send(http1.EndOfMessage())
                 except StreamClosed:
                     return False
                 return True
@@ -638,8 +603,8 @@ class _Client:
                 raise StreamClosed("the client closed during the request body")
 
     def _continue(self) -> None:
-        if self.h11.they_are_waiting_for_100_continue:
-            self.send(h11.InformationalResponse(status_code=100, headers=[]))
+        if self.http.they_are_waiting_for_100_continue:
+            self.send(http1.InformationalResponse(status_code=100, headers=[]))
 
     async def _read_capped(self, limit: int) -> bytes | None:
         return await read_capped(self.next_event, limit,
@@ -647,12 +612,12 @@ class _Client:
 
     # -- answers --------------------------------------------------------------------------
 
-    async def _answer(self, req: h11.Request, rec: _Record, status: int, message: str) -> bool:
+    async def _answer(self, req: http1.Request, rec: _Record, status: int, message: str) -> bool:
         """Answer ``{"message": ...}`` without the engine; True when the
         connection may carry another request."""
         close = self.s.closing
-        if self.h11.their_state is h11.SEND_BODY:
-            if self.h11.they_are_waiting_for_100_continue:
+        if self.http.their_state is http1.SEND_BODY:
+            if self.http.they_are_waiting_for_100_continue:
                 close = True  # do not invite the body we will not use
             else:
                 close = close or not await self._discard_body()
@@ -663,7 +628,7 @@ class _Client:
             headers.append((b"connection", b"close"))
         if req.method == b"HEAD":
             body = b""
-        self.send_message(h11.Response(status_code=status, reason=_reason(status), headers=headers), body)
+        self.send_message(http1.Response(status_code=status, reason=_reason(status), headers=headers), body)
         rec.sent = len(body)
         rec.status = status
         await self.stream.drain()
@@ -676,19 +641,19 @@ class _Client:
                 while True:
                     ev = await self.next_event()
                     kind = type(ev)
-                    if kind is h11.Data:
+                    if kind is http1.Data:
                         dropped += len(ev.data)
                         if dropped > DRAIN_LIMIT:
                             return False
-                    elif kind is h11.EndOfMessage:
+                    elif kind is http1.EndOfMessage:
                         return True
                     else:
                         return False
-        except (TimeoutError, h11.RemoteProtocolError):
+        except (TimeoutError, http1.RemoteProtocolError):
             return False
 
     def _reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE \
+        return self.http.our_state is http1.DONE and self.http.their_state is http1.DONE \
             and not self.s.closing
 
     def _response_headers(self, rec: _Record, headers: Headers, extra: Headers = ()) -> Headers:
@@ -700,7 +665,7 @@ class _Client:
         return out
 
     async def _respond(self, req, rec: _Record, ex: Exchange, up: Upstream,
-                       head: h11.Response, pump) -> bool:
+                       head: http1.Response, pump) -> bool:
         status = head.status_code
         try:
             mode, headers = ex.response.head(status, list(head.headers))
@@ -738,7 +703,7 @@ class _Client:
                               rec.rid, rec.method, rec.path)
                 return await self._answer(req, rec, 500, f"internal error (request id {rec.rid})")
             extra.append((b"content-length", b"%d" % len(body)))
-            self.send_message(h11.Response(status_code=status, reason=reason,
+            self.send_message(http1.Response(status_code=status, reason=reason,
                                            headers=self._response_headers(rec, headers, extra)), body)
             rec.status, rec.sent = status, len(body)
             await self.stream.drain()
@@ -748,7 +713,7 @@ class _Client:
             for name, value in head.headers:
                 if name == b"content-length":
                     extra.append((name, value))
-        self.send(h11.Response(status_code=status, reason=head.reason,
+        self.send(http1.Response(status_code=status, reason=head.reason,
                                headers=self._response_headers(rec, headers, extra)))
         rec.status = status
         await self.stream.drain()  # headers at once: wait, events and logs -f start here
@@ -769,18 +734,18 @@ class _Client:
             LOG.exception("response rewriting failed (request %s %s %s)", rec.rid, rec.method, rec.path)
             self.stream.abort()
             return False
-        self.send(h11.EndOfMessage())
+        self.send(http1.EndOfMessage())
         await self.stream.drain()
         return self._reusable()
 
     async def _relay(self, rec: _Record, up: Upstream) -> None:
-        conn, stream = self.h11, self.stream
+        conn, stream = self.http, self.stream
         while True:
             ev = await up.next_event()
             kind = type(ev)
-            if kind is h11.EndOfMessage:
+            if kind is http1.EndOfMessage:
                 return
-            if kind is not h11.Data:
+            if kind is not http1.Data:
                 raise EngineUnavailable()
             # Merge what the engine already sent with it (logs -f: a chunk
             # per line): one client chunk, one TLS record and one drain per
@@ -788,17 +753,17 @@ class _Client:
             parts, end = [ev.data], False
             while True:
                 nxt = up.buffered_event()
-                if nxt is h11.NEED_DATA:
+                if nxt is http1.NEED_DATA:
                     break
-                if type(nxt) is h11.Data:
+                if type(nxt) is http1.Data:
                     parts.append(nxt.data)
-                elif type(nxt) is h11.EndOfMessage:
+                elif type(nxt) is http1.EndOfMessage:
                     end = True
                     break
                 else:
                     raise EngineUnavailable()
             data = parts[0] if len(parts) == 1 else b"".join(parts)
-            stream.write(conn.send(h11.Data(data=data)))
+            stream.write(conn.send(http1.Data(data=data)))
             rec.sent += len(data)
             await stream.drain()
             if end:
@@ -810,7 +775,7 @@ class _Client:
         while True:
             ev = await up.next_event()
             kind = type(ev)
-            if kind is h11.Data:
+            if kind is http1.Data:
                 data = rest + ev.data if rest else bytes(ev.data)
                 lines = data.split(b"\n")  # bytes in, bytes out
                 rest = lines.pop()
@@ -826,7 +791,7 @@ class _Client:
                             continue
                     out.append(line)
                     out.append(b"\n")
-            elif kind is h11.EndOfMessage:
+            elif kind is http1.EndOfMessage:
                 if not rest:
                     return
                 line = rewrite(rest)
@@ -837,26 +802,26 @@ class _Client:
                 raise EngineUnavailable()
             if out:
                 data = b"".join(out)
-                self.send(h11.Data(data=data))
+                self.send(http1.Data(data=data))
                 rec.sent += len(data)
                 await self.stream.drain()
-            if kind is h11.EndOfMessage:
+            if kind is http1.EndOfMessage:
                 return
 
     async def _hijack(self, rec: _Record, up: Upstream, head, upgrade: bool) -> bool:
         """Switch to raw copying; the connection ends with it."""
         headers = head.headers.raw_items()
         if upgrade:
-            self.send(h11.InformationalResponse(status_code=101, reason=head.reason,
+            self.send(http1.InformationalResponse(status_code=101, reason=head.reason,
                                                 headers=headers))
         else:
-            # written by hand: h11 would frame the body as chunked
+            # written by hand: http1 would frame the body as chunked
             self.stream.write(b"HTTP/1.1 200 OK\r\n"
                               + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
                               + b"\r\n")
         rec.status = head.status_code
-        client_first = self.h11.trailing_data[0]
-        engine_first = up.h11.trailing_data[0] if upgrade else up.buffered_body()
+        client_first = self.http.trailing_data[0]
+        engine_first = up.http.trailing_data[0] if upgrade else up.buffered_body()
         try:
             with metrics.scoper_stream("hijack"):
                 rec.received, rec.sent = await splice(self.stream, up.stream, client_first, engine_first)

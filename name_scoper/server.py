@@ -29,11 +29,14 @@ import socket
 import sys
 from typing import Any, Mapping
 
-from authz_plugin import metrics
+import uvloop
+
+from authz_plugin import logfmt, metrics
 from authz_plugin.config import DEFAULT_PATH, Config, load
 from authz_plugin.errors import ConfigError
 
 from ._streams import server_context
+from . import proxy
 from .proxy import Prepare, ScoperServer, default_prepare
 
 LOG = logging.getLogger(__name__)
@@ -155,9 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"fdcs-name-scoper: configuration {args.config} is valid")
         return 0
-    logging.basicConfig(
-        stream=sys.stderr, level=getattr(logging, cfg["scoper.log_level"].upper()),
-        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    logfmt.configure(cfg["scoper.log_level"])
+    proxy.ACCESS.to_fd(sys.stderr.fileno())
 
     from authz_plugin.identity import IdentityService
 
@@ -176,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdcs-name-scoper: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(run(cfg, identity, prepare, ctx, listen, ssl_context))
+        # uvloop: libuv's event loop, in C; asyncio's own loop machinery
+        # (selectors, handles, transports in Python) was a tenth of the
+        # proxy's CPU per request
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(cfg, identity, prepare, ctx, listen, ssl_context))
     except OSError as e:
         LOG.error("cannot serve on %s: %s", cfg["scoper.listen"], e)
         return 1

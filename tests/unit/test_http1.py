@@ -1,0 +1,272 @@
+"""name_scoper.http1: the proxy's HTTP/1.1 parser and serializer.
+
+Its refusals (request smuggling and malformed heads), its framing, and --
+with h11 as the oracle -- that it reads what a mature parser reads."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+
+from name_scoper import http1
+
+
+def server() -> http1.Connection:
+    return http1.Connection(http1.SERVER, max_incomplete_event_size=64 * 1024)
+
+
+def events(conn: http1.Connection, data: bytes, eof: bool = False) -> list:
+    """Every event ``data`` gives (fed in one piece), up to NEED_DATA/PAUSED."""
+    conn.receive_data(data)
+    if eof:
+        conn.receive_data(b"")
+    out = []
+    while True:
+        ev = conn.next_event()
+        if ev is http1.NEED_DATA or ev is http1.PAUSED:
+            return out
+        out.append(ev)
+        if type(ev) is http1.ConnectionClosed:
+            return out
+
+
+def body_of(evs) -> bytes:
+    return b"".join(e.data for e in evs if type(e) is http1.Data)
+
+
+GET = b"GET /v1.41/containers/json HTTP/1.1\r\nHost: docker\r\nX-Auth-Token: tok\r\n\r\n"
+
+
+def test_a_request_and_its_end():
+    c = server()
+    req, end = events(c, GET)
+    assert (req.method, req.target, req.http_version) == (b"GET", b"/v1.41/containers/json", b"1.1")
+    assert list(req.headers) == [(b"host", b"docker"), (b"x-auth-token", b"tok")]
+    assert req.headers.raw_items() == [(b"Host", b"docker"), (b"X-Auth-Token", b"tok")]
+    assert type(end) is http1.EndOfMessage
+    assert c.their_state is http1.DONE and c.our_state is http1.SEND_RESPONSE
+
+
+def test_pipelined_requests_wait_for_the_next_cycle():
+    c = server()
+    evs = events(c, GET + GET.replace(b"json", b"xyz"))
+    assert len(evs) == 2 and c.next_event() is http1.PAUSED
+    assert c.trailing_data[0].startswith(b"GET /v1.41/containers/xyz")
+    c.send(http1.Response(status_code=200, headers=[(b"content-length", b"0")]))
+    c.send(http1.EndOfMessage())
+    c.start_next_cycle()
+    req, _ = events(c, b"")
+    assert req.target == b"/v1.41/containers/xyz"
+
+
+REFUSED = {
+    "obs-fold": (GET[:-2] + b"X-Pad: a\r\n b\r\n\r\n", 400, "line folding"),
+    "two equal content-lengths": (b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
+                                  400, "more than one Content-Length"),
+    "content-length list": (b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: 2, 2\r\n\r\n{}", 400,
+                            "more than one Content-Length"),
+    "cl and te": (b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n",
+                  400, "together with Transfer-Encoding"),
+    "te and cl": (b"POST / HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+                  400, "together with Transfer-Encoding"),
+    "te gzip": (b"POST / HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501, "chunked"),
+    "two te headers": (b"POST / HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked"
+                       b"\r\n\r\n", 501, "chunked"),
+    "space before colon": (b"GET / HTTP/1.1\r\nHost: d\r\nX-Auth-Token : t\r\n\r\n", 400, "illegal header"),
+    "bare cr in a value": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\rX-B: b\r\n\r\n", 400, "illegal header"),
+    "nul in a value": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\x00b\r\n\r\n", 400, "illegal header"),
+    "ctl in a value": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\x01b\r\n\r\n", 400, "illegal header"),
+    "no host": (b"GET / HTTP/1.1\r\nX-A: a\r\n\r\n", 400, "Host"),
+    "negative length": (b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: -1\r\n\r\n", 400, "Content-Length"),
+    "plus length": (b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: +1\r\n\r\nx", 400, "Content-Length"),
+    "http/2": (b"GET / HTTP/2.0\r\nHost: d\r\n\r\n", 400, "request line"),
+    "space in target": (b"GET /a b HTTP/1.1\r\nHost: d\r\n\r\n", 400, "request line"),
+    "no version": (b"GET /\r\nHost: d\r\n\r\n", 400, "request line"),
+    # as h11 and Go's server: no empty line before the request line
+    "empty line first": (b"\r\nGET / HTTP/1.1\r\nHost: d\r\n\r\n", 400, "request line"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_heads(case):
+    data, status, words = REFUSED[case]
+    c = server()
+    with pytest.raises(http1.RemoteProtocolError) as e:
+        events(c, data)
+    assert e.value.error_status_hint == status and words in str(e.value)
+    assert c.their_state is http1.ERROR
+    assert b"a\x00b" not in str(e.value).encode() and b"tok" not in str(e.value).encode()
+
+
+def test_the_refused_heads_controls_are_served():
+    """Positive controls of the refusals: the same requests, well formed."""
+    for data in (GET[:-2] + b"X-Pad: a b\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: 2\r\n\r\n{}",
+                 b"POST / HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: Chunked \r\n\r\n0\r\n\r\n",
+                 b"GET / HTTP/1.0\r\nX-A: a\tb\x80\r\n\r\n"):
+        evs = events(server(), data)
+        assert type(evs[0]) is http1.Request and type(evs[-1]) is http1.EndOfMessage
+
+
+def test_a_head_over_the_limit_is_431():
+    c = http1.Connection(http1.SERVER, max_incomplete_event_size=1024)
+    with pytest.raises(http1.RemoteProtocolError) as e:
+        events(c, b"GET / HTTP/1.1\r\nHost: d\r\nX-Pad: " + b"a" * 2000)
+    assert e.value.error_status_hint == 431
+    assert type(events(http1.Connection(http1.SERVER, max_incomplete_event_size=1024),
+                       b"GET / HTTP/1.1\r\nHost: d\r\nX-Pad: " + b"a" * 900 + b"\r\n\r\n")[0]) is http1.Request
+
+
+CHUNKED_HEAD = b"POST /x HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("body", [
+    b"5\r\nhello\r\n0\r\n\r\n",
+    b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    b"A\r\n0123456789\r\n1\r\n!\r\n0\r\n\r\n",
+])
+def test_chunked_bodies_read_the_same_fed_whole_or_byte_by_byte(body):
+    whole = events(server(), CHUNKED_HEAD + body)
+    c = server()
+    pieces = events(c, CHUNKED_HEAD)
+    for i in range(len(body)):
+        pieces += events(c, body[i:i + 1])
+    expected = h11.Connection(h11.SERVER)
+    expected.receive_data(CHUNKED_HEAD + body)
+    want = b""
+    while type(ev := expected.next_event()) is not h11.EndOfMessage:
+        if type(ev) is h11.Data:
+            want += ev.data
+    assert body_of(whole) == body_of(pieces) == want
+    assert type(whole[-1]) is http1.EndOfMessage and type(pieces[-1]) is http1.EndOfMessage
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\nab\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n", b"2\nab\r\n0\r\n\r\n",
+                                 b"-2\r\nab\r\n0\r\n\r\n", b"2 \r\nab\r\n0\r\n\r\n",
+                                 b"11111111111111111\r\n"])
+def test_malformed_chunks_are_refused(bad):
+    c = server()
+    with pytest.raises(http1.RemoteProtocolError):
+        events(c, CHUNKED_HEAD + bad)
+
+
+def test_a_body_cut_short_by_eof_is_an_error_not_an_end():
+    c = server()
+    with pytest.raises(http1.RemoteProtocolError):
+        events(c, b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: 10\r\n\r\nabc", eof=True)
+    c = server()
+    with pytest.raises(http1.RemoteProtocolError):
+        events(c, CHUNKED_HEAD + b"5\r\nhel", eof=True)
+    assert type(events(server(), b"", eof=True)[0]) is http1.ConnectionClosed
+
+
+def test_expect_100_continue_is_tracked_until_answered():
+    c = server()
+    events(c, b"POST / HTTP/1.1\r\nHost: d\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+    assert c.they_are_waiting_for_100_continue
+    assert c.send(http1.InformationalResponse(status_code=100, headers=[])).startswith(b"HTTP/1.1 100 ")
+    assert not c.they_are_waiting_for_100_continue
+    assert body_of(events(c, b"abc")) == b"abc" and c.their_state is http1.DONE
+
+
+def respond(request: bytes, headers, body: bytes = b"", status: int = 200) -> tuple[bytes, http1.Connection]:
+    c = server()
+    events(c, request)
+    out = c.send(http1.Response(status_code=status, reason=b"OK", headers=headers))
+    if body:
+        out += c.send(http1.Data(data=body))
+    out += c.send(http1.EndOfMessage())
+    return out, c
+
+
+def test_response_framing_chosen_as_h11_does():
+    out, c = respond(GET, [(b"content-type", b"text/plain")], b"abc")
+    assert out == (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+                   b"3\r\nabc\r\n0\r\n\r\n")
+    assert c.our_state is http1.DONE and c.their_state is http1.DONE
+    out, c = respond(GET, [(b"content-length", b"3")], b"abc")
+    assert out == b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc" and c.our_state is http1.DONE
+    # HTTP/1.0 client: no chunked; the end is the connection's
+    out, c = respond(b"GET / HTTP/1.0\r\n\r\n", [], b"abc")
+    assert out == b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nabc" and c.our_state is http1.MUST_CLOSE
+    # the client said close: so do we, once
+    out, c = respond(GET[:-2] + b"Connection: close\r\n\r\n", [(b"content-length", b"0"),
+                                                              (b"connection", b"close")])
+    assert out.count(b"connection: close") == 1 and c.our_state is http1.MUST_CLOSE
+    # HEAD: the GET's headers, no body
+    out, c = respond(GET.replace(b"GET", b"HEAD"), [(b"content-length", b"42")])
+    assert out == b"HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\r\n" and c.our_state is http1.DONE
+
+
+def test_what_this_side_may_not_send():
+    c = server()
+    events(c, GET)
+    with pytest.raises(http1.LocalProtocolError):
+        c.send(http1.Response(status_code=200, headers=[(b"x-a", b"a\r\nx-b: b")]))
+    c = server()
+    events(c, GET)
+    c.send(http1.Response(status_code=200, headers=[(b"content-length", b"2")]))
+    with pytest.raises(http1.LocalProtocolError):
+        c.send(http1.Data(data=b"abc"))
+    c = http1.Connection(http1.CLIENT)
+    with pytest.raises(http1.LocalProtocolError):
+        c.send(http1.Request(method="GET", target="/a b", headers=[(b"host", b"d")]))
+
+
+def client(request_headers=((b"host", b"docker"),), method="GET") -> http1.Connection:
+    c = http1.Connection(http1.CLIENT, max_incomplete_event_size=64 * 1024)
+    assert c.send(http1.Request(method=method, target="/x", headers=list(request_headers))).startswith(
+        method.encode() + b" /x HTTP/1.1\r\nhost: docker\r\n")
+    c.send(http1.EndOfMessage())
+    return c
+
+
+def test_engine_responses_in_each_framing():
+    c = client()
+    evs = events(c, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    assert evs[0].status_code == 200 and body_of(evs) == b"abc" and type(evs[-1]) is http1.EndOfMessage
+    c = client()
+    evs = events(c, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n2\r\nbc\r\n0\r\n\r\n")
+    assert body_of(evs) == b"abc" and type(evs[-1]) is http1.EndOfMessage
+    c = client()
+    evs = events(c, b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.docker.raw-stream\r\n\r\nab")
+    assert body_of(evs) == b"ab" and type(evs[-1]) is not http1.EndOfMessage  # until the engine closes
+    assert [type(e) for e in events(c, b"", eof=True)] == [http1.EndOfMessage, http1.ConnectionClosed]
+    c = client(method="HEAD")
+    evs = events(c, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+    assert type(evs[-1]) is http1.EndOfMessage and body_of(evs) == b""
+
+
+def test_engine_101_and_100():
+    c = client()
+    evs = events(c, b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 UPGRADED\r\nConnection: Upgrade\r\n"
+                    b"Upgrade: tcp\r\n\r\n\x01\x00\x00\x00")
+    assert [e.status_code for e in evs] == [100, 101] and evs[1].reason == b"UPGRADED"
+    assert c.their_state is http1.SWITCHED_PROTOCOL and c.trailing_data[0] == b"\x01\x00\x00\x00"
+    assert evs[1].headers.raw_items()[0] == (b"Connection", b"Upgrade")
+
+
+VALID_REQUESTS = [
+    GET,
+    b"GET /v1.41/containers/json?all=1&filters=%7B%7D HTTP/1.1\nHost: d\nUser-Agent: Docker-Client/20.10\n\n",
+    b"POST /v1.41/containers/create?name=web HTTP/1.1\r\nHost: docker\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 13\r\n\r\n{\"Image\":\"b\"}",
+    b"PUT /v1.41/containers/x/archive?path=%2F HTTP/1.1\r\nHost: d\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3\r\nabc\r\n4;a=b\r\ndefg\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: d\r\nX-Empty:\r\nX-Spaces:   a  b   \r\nX-Obs: \xe9t\xe9\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("data", VALID_REQUESTS)
+def test_reads_what_h11_reads(data):
+    ours = events(server(), data)
+    oracle = h11.Connection(h11.SERVER)
+    oracle.receive_data(data)
+    theirs = []
+    while (ev := oracle.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+        theirs.append(ev)
+    assert (ours[0].method, ours[0].target) == (theirs[0].method, theirs[0].target)
+    assert list(ours[0].headers) == list(theirs[0].headers)
+    assert body_of(ours) == b"".join(e.data for e in theirs if type(e) is h11.Data)
+    assert type(ours[-1]) is http1.EndOfMessage and type(theirs[-1]) is h11.EndOfMessage
