@@ -28,10 +28,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +41,7 @@ from authz_plugin.devstack import Stack
 from authz_plugin.devstack._engine import DOCKER
 from authz_plugin.devstack._procs import Commands, free_ports, live_pid, terminate, wait_until
 
-from _common import Client, children, tls_connector, unix_connector
+from _common import Client, children, spy_path, tls_connector, unix_connector
 
 HAPROXY = "/usr/sbin/haproxy"
 PATHS = ("scoper", "haproxy", "direct")
@@ -73,11 +75,62 @@ backend engine
     server engine unix@{socket}
 """
 
+# The same HTTP-mode backend, behind a TCP-mode frontend that sends a
+# connection whose FIRST request asks for an upgrade (``Upgrade: tcp``: the
+# CLI's exec start and attach, always dialled on a new connection) to a raw
+# TCP tunnel instead.  Why: HAProxy >= 2.4 in HTTP mode drops the upgrade of a
+# request that has a body (exec start has one: {"Detach":false,...}), so the
+# engine answers 200 and the stream never flows (haproxy issue #2684; the
+# docker-socket-proxy image stays on HAProxy 2.2 for it).  HAProxy <= 2.3
+# tunnelled the connection after the engine's 101: the same byte path as
+# this.  Every other request still goes through the HTTP-mode backend (the
+# stream is upgraded to HTTP implicitly; one log line per request, in tcplog
+# format since the frontend is TCP).
+HAPROXY_CFG_TUNNEL = """\
+# written by benchmarks/_haproxy.py: as HAPROXY_CFG (mode http,
+# http-server-close), except that hijacked streams (Upgrade: tcp) are
+# tunnelled in TCP mode, which HAProxy >= 2.4 in HTTP mode cannot carry
+global
+    maxconn 4000
+    log stdout format raw daemon info
 
-def haproxy_config(port: int, pem: Path | str, engine_socket: str) -> str:
+defaults
+    log global
+    option dontlognull
+    timeout connect 10s
+    timeout client 10m
+    timeout server 10m
+
+frontend docker
+    mode tcp
+    option tcplog
+    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1
+    tcp-request inspect-delay 10s
+    tcp-request content accept if HTTP
+    use_backend engine_tunnel if {{ req.hdr(upgrade) -m found }}
+    default_backend engine
+
+backend engine
+    mode http
+    option http-server-close
+    timeout http-request 10s
+    timeout queue 1m
+    timeout http-keep-alive 10s
+    server engine unix@{socket}
+
+backend engine_tunnel
+    mode tcp
+    server engine unix@{socket}
+"""
+
+
+def haproxy_config(port: int, pem: Path | str, engine_socket: str, tunnel_upgrades: bool = False) -> str:
     """HAProxy's configuration: TLS on ``127.0.0.1:port`` with ``pem``
-    (certificate + key), HTTP mode, to the unix socket ``engine_socket``."""
-    return HAPROXY_CFG.format(port=port, pem=pem, socket=engine_socket)
+    (certificate + key), HTTP mode, to the unix socket ``engine_socket``;
+    with ``tunnel_upgrades``, hijacked streams (exec, attach) tunnelled in
+    TCP mode (see HAPROXY_CFG_TUNNEL)."""
+    return (HAPROXY_CFG_TUNNEL if tunnel_upgrades else HAPROXY_CFG).format(port=port, pem=pem,
+                                                                           socket=engine_socket)
 
 
 class ThreePaths:
@@ -86,10 +139,14 @@ class ThreePaths:
     ``keep_stack``: the stack's state dir to use (or bring up) and leave
     running; None: a fresh one-host stack in a temporary dir, brought down
     by :meth:`cleanup`.  ``prog`` names the temporary dir and the logs.
+    ``tunnel_upgrades``: HAProxy tunnels hijacked streams (exec, attach) in
+    TCP mode, which HTTP mode cannot carry (:data:`HAPROXY_CFG_TUNNEL`).
     """
 
-    def __init__(self, keep_stack: str | None, prog: str, say: Callable[[str], None]):
+    def __init__(self, keep_stack: str | None, prog: str, say: Callable[[str], None],
+                 tunnel_upgrades: bool = False):
         self.say = say
+        self.tunnel_upgrades = tunnel_upgrades
         self.tmp = Path(tempfile.mkdtemp(prefix=f"{prog}-", dir="/tmp"))
         for d in ("logs", "run", "data"):
             (self.tmp / d).mkdir()
@@ -149,7 +206,7 @@ class ThreePaths:
             f.write((tls / "server-cert.pem").read_bytes() + (tls / "server-key.pem").read_bytes())
         self.haproxy_port = free_ports(1)[0]
         cfg = self.tmp / "haproxy.cfg"
-        cfg.write_text(haproxy_config(self.haproxy_port, pem, self.engine_socket))
+        cfg.write_text(haproxy_config(self.haproxy_port, pem, self.engine_socket, self.tunnel_upgrades))
         self.cmds.run("haproxy", [HAPROXY, "-c", "-q", "-f", cfg])
         # -db: foreground, so the pid we record is HAProxy's own
         self.haproxy_pid = self.cmds.spawn("haproxy", [HAPROXY, "-db", "-f", cfg], self.haproxy_pidfile)
@@ -196,6 +253,46 @@ class ThreePaths:
         self.docker("scoper", "rm", "-f", name, check=False)
         self.containers.append(name)
         return self.docker("scoper", "run", "-d", "--name", name, image, *cmd).strip()
+
+    def snapshot_hang(self, what: str) -> list[str]:
+        """Where everything stands while ``what`` hangs, into the logs folder
+        (which :meth:`keep_logs` copies): the engine's goroutines (dockerd
+        writes them on SIGUSR1 into its exec root and logs the file), the
+        scoper's Python stacks (``py-spy dump``) and HAProxy's log as it is.
+        Returns the files written (or why not); never raises."""
+        logs = self.tmp / "logs"
+        out: list[str] = []
+        engine = self.stack.pid("engine-h1") if self.stack_started else None
+        if engine:
+            exec_root = Path(self.stack.dir) / "h1" / "exec"
+            before = set(exec_root.glob("goroutine-stacks-*.log"))
+            try:
+                os.kill(engine, signal.SIGUSR1)
+                deadline = time.monotonic() + 10
+                new: set[Path] = set()
+                while not new and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    new = set(exec_root.glob("goroutine-stacks-*.log")) - before
+                for f in new:
+                    dest = logs / f"dockerd-{f.name}"
+                    shutil.move(str(f), dest)  # out of the stack's exec root
+                    out.append(str(dest))
+                if not new:
+                    out.append(f"dockerd pid {engine}: no goroutine dump in {exec_root} after SIGUSR1")
+            except OSError as e:
+                out.append(f"dockerd pid {engine}: {e}")
+        spy = spy_path()
+        if spy and getattr(self, "scoper_pid", None):
+            dest = logs / "scoper-py-spy-dump.txt"
+            try:
+                with open(dest, "wb") as f:
+                    subprocess.run([spy, "dump", "--pid", str(self.scoper_pid)], stdout=f, stderr=f, timeout=30,
+                                   check=False)
+                out.append(str(dest))
+            except (OSError, subprocess.TimeoutExpired) as e:
+                out.append(f"py-spy dump of the scoper: {e}")
+        self.say(f"snapshot while {what} hangs: {', '.join(out) or 'nothing'}")
+        return out
 
     # -- stop ----------------------------------------------------------------------
 

@@ -25,7 +25,11 @@ the first measurement).
   without gzip, on a new connection: the proxies' own cost on the way out.
 * ``exec -i`` -- ``docker exec -i bench cat`` with ``--exec-mib`` MiB of
   random bytes on stdin; the bytes on its stdout are counted and checked by
-  sha256; MB/s = bytes echoed per second of wall time.
+  sha256; MB/s = bytes echoed per second of wall time.  HAProxy in HTTP
+  mode cannot carry this hijacked stream (>= 2.4 drops the upgrade of a
+  request with a body: haproxy issue #2684), so its connections are
+  tunnelled in TCP mode (``ThreePaths(tunnel_upgrades=True)``), probed with
+  1 KiB first.
 * ``logs -f`` -- ``docker logs -f bench-logs``: the seconds until the CLI has
   printed all N lines (the last one checked), then the CLI is stopped (the
   container still runs, so the stream is a real follow); lines/s.
@@ -34,7 +38,13 @@ Each operation runs ``--reps`` times per path, the paths in rotating order;
 medians, the ratios scoper/haproxy and scoper/direct (of the medians, and
 ``rnd``: the median of the per-repetition ratios), the proxies' CPU seconds
 per operation.  Target: scoper/haproxy throughput >= 0.8 (``cp in``, ``cp
-out``, ``exec -i``, ``logs -f``; ``archive`` is shown without a target).
+out``, ``exec -i``, ``logs -f``; ``archive`` is shown without a target); a
+missed target is followed by a py-spy profile of the scoper running that
+operation (its summary in the Row's note).
+
+Every operation has a deadline (:func:`op_timeout`): a CLI command still
+running then is killed, the engine's goroutines and the scoper's stacks are
+saved, and the run fails naming the command -- a hang never stalls it.
 
 Everything started is stopped in a ``finally`` (also on Ctrl-C or SIGTERM):
 CLI processes, HAProxy (by pid), the containers, the temporary files, the
@@ -56,12 +66,14 @@ import threading
 import time
 from pathlib import Path
 
+from authz_plugin.devstack import ComponentFailed
 from authz_plugin.devstack._procs import clean_env
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmark code beside this file
-from _common import Reader, Row, cpu_ns, machine, progress, ratio, run_bench, write_rows  # noqa: E402
+from _common import (Reader, Row, cpu_ns, machine, progress, ratio, run_bench, spy_path, spy_record,  # noqa: E402
+                     spy_tally, write_rows)
 from _haproxy import PATHS, ThreePaths  # noqa: E402
 
 TARGET = 0.8  # scoper/haproxy throughput, at least
@@ -139,6 +151,41 @@ def fetch_archive(b: ThreePaths, path: str, src: str) -> tuple[int, float]:
         sock.close()
 
 
+def op_timeout(op: str, args) -> float:
+    """Seconds one operation may take before it counts as hung: a minute,
+    plus one second per MiB moved (1 MB/s, a tenth of the slowest rate seen
+    on this 2-core machine under load), or per 1,000 log lines.  A docker
+    CLI command must never hang a benchmark: past this it is killed, the
+    engine's goroutines and the scoper's stacks are saved (see
+    :meth:`ThreePaths.snapshot_hang`) and the run fails naming the command."""
+    per = {"in": args.cp_mib, "out": args.cp_mib, "get": args.cp_mib, "exec": args.exec_mib,
+           "logs": args.log_lines / 1000}[op]
+    return 60.0 + per
+
+
+class Hung(RuntimeError):
+    """An operation did not finish within its timeout (the message names it,
+    the path, and the snapshot files)."""
+
+
+def hung(b: ThreePaths, what: str, path: str, timeout: float) -> Hung:
+    snap = b.snapshot_hang(f"{what} through {path}")
+    return Hung(f"{what} through {path} did not finish in {timeout:.0f} s (killed); engine goroutines, "
+                f"scoper stacks and the CLI's log: {', '.join(snap) or '-'}; {b.cmds.log_path('docker')}")
+
+
+def cli(b: ThreePaths, path: str, what: str, *args: str, timeout: float) -> str:
+    """A docker CLI command on ``path`` that must finish within ``timeout``
+    seconds; a hang raises :class:`Hung` (after a snapshot), a failure
+    RuntimeError naming the command and its log."""
+    try:
+        return b.cmds.run("docker", b.docker_argv(path, *args), capture=True, timeout=timeout)
+    except ComponentFailed as e:
+        if "did not finish" in e.detail:
+            raise hung(b, what, path, timeout) from None
+        raise RuntimeError(f"{what} through {path}: {e.detail} (log {e.log})") from None
+
+
 class Procs:
     """The CLI processes this run started and has not reaped yet: stopped by
     pid in clean-up (a Ctrl-C in the middle of a stream)."""
@@ -163,17 +210,24 @@ class Procs:
 
 
 def exec_echo(b: ThreePaths, procs: Procs, path: str, src: Path, digest: str,
-              timeout: float = 300) -> tuple[int, float]:
+              timeout: float = 300, snapshot: bool = True) -> tuple[int, float]:
     """``docker exec -i <ref> cat`` with ``src`` on stdin; its stdout is
-    counted and hashed, and must be ``src`` again (within ``timeout``
-    seconds)."""
+    counted and hashed, and must be ``src`` again, within ``timeout``
+    seconds (else :class:`Hung`, after a snapshot unless not ``snapshot``;
+    a wrong echo: RuntimeError)."""
     argv = b.docker_argv(path, "exec", "-i", b.ref(path, CONTAINER), "cat")
     h = hashlib.sha256()
     n = 0
     with open(src, "rb") as stdin, open(b.cmds.log_path("docker-exec"), "ab") as err:
         t0 = time.perf_counter()
         p = procs.popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=err)
-        watchdog = threading.Timer(timeout, p.kill)  # a stalled stream ends as a failure, not a hang
+        fired = threading.Event()
+
+        def stalled() -> None:  # a stalled stream ends as a failure, not a hang
+            fired.set()
+            p.kill()
+
+        watchdog = threading.Timer(timeout, stalled)
         watchdog.start()
         try:
             while chunk := p.stdout.read1(1 << 20):
@@ -188,6 +242,8 @@ def exec_echo(b: ThreePaths, procs: Procs, path: str, src: Path, digest: str,
             p.stdout.close()
             procs.done(p)
         secs = time.perf_counter() - t0
+    if fired.is_set() and snapshot:
+        raise hung(b, f"exec -i cat ({n} bytes echoed of {src.stat().st_size})", path, timeout)
     if rc != 0 or h.hexdigest() != digest:
         raise RuntimeError(f"exec -i cat through {path}: exit {rc}, {n} bytes echoed of {src.stat().st_size}, "
                            f"{'identical' if h.hexdigest() == digest else 'DIFFERENT'} (log "
@@ -204,7 +260,13 @@ def logs_follow(b: ThreePaths, procs: Procs, path: str, lines: int, timeout: flo
     with open(b.cmds.log_path("docker-logs"), "ab") as err:
         t0 = time.perf_counter()
         p = procs.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
-        watchdog = threading.Timer(timeout, p.kill)
+        fired = threading.Event()
+
+        def stalled() -> None:
+            fired.set()
+            p.kill()
+
+        watchdog = threading.Timer(timeout, stalled)
         watchdog.start()
         try:
             while n < lines:
@@ -221,6 +283,8 @@ def logs_follow(b: ThreePaths, procs: Procs, path: str, lines: int, timeout: flo
             p.stdout.close()
             procs.done(p)
     last = tail.rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    if fired.is_set():
+        raise hung(b, f"logs -f ({n} lines of {lines})", path, timeout)
     if n != lines or last != str(lines).encode():
         raise RuntimeError(f"logs -f through {path}: {n} lines of {lines}, the last {last[:40]!r} (log "
                            f"{b.cmds.log_path('docker-logs')})")
@@ -241,32 +305,61 @@ def wait_logs_complete(b: ThreePaths, lines: int, timeout: float = 300) -> None:
     """Poll until the last line of ``bench-logs``'s log is ``lines``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if b.docker("direct", "logs", "--tail", "1", b.ref("direct", LOGS), check=False).strip() == str(lines):
+        try:
+            last = cli(b, "direct", "logs --tail 1", "logs", "--tail", "1", b.ref("direct", LOGS), timeout=30)
+        except Hung:
+            raise
+        except RuntimeError:
+            last = ""
+        if last.strip() == str(lines):
             return
         time.sleep(0.2)
     raise RuntimeError(f"{LOGS} did not print its {lines} lines in {timeout:.0f} s")
 
 
-def measure(b: ThreePaths, procs: Procs, args) -> tuple[dict[tuple[str, str], Result], list[str]]:
+def run_op(b: ThreePaths, procs: Procs, op: str, p: str, args, files: dict[str, Path],
+           digests: dict[str, str]) -> tuple[float, float]:
+    """One operation through path ``p``, checked; (rate, seconds): MB/s (10^6
+    bytes per second) or, for logs -f, lines/s."""
+    cp_size = args.cp_mib * MIB
+    inside = f"/tmp/blob-{p}"
+    timeout = op_timeout(op, args)
+    if op == "get":
+        try:
+            n, secs = fetch_archive(b, p, inside)
+        except TimeoutError:  # no byte for 60 s (the connector's socket timeout)
+            raise hung(b, "GET archive", p, 60) from None
+        if n < cp_size:
+            raise RuntimeError(f"GET archive through {p}: {n} bytes, expected at least {cp_size}")
+        return cp_size / secs / 1e6, secs
+    if op == "exec":
+        n, secs = exec_echo(b, procs, p, files["echo"], digests["echo"], timeout=timeout)
+        return n / secs / 1e6, secs
+    if op == "logs":
+        n, secs = logs_follow(b, procs, p, args.log_lines, timeout=timeout)
+        return n / secs, secs
+    argv = (["cp", str(files["blob"]), f"{b.ref(p, CONTAINER)}:{inside}"] if op == "in"
+            else ["cp", f"{b.ref(p, CONTAINER)}:{inside}", str(files["out"])])
+    t0 = time.perf_counter()
+    cli(b, p, f"cp {op}", *argv, timeout=timeout)
+    secs = time.perf_counter() - t0
+    return cp_size / secs / 1e6, secs
+
+
+def measure(b: ThreePaths, procs: Procs, args, files: dict[str, Path],
+            digests: dict[str, str]) -> tuple[dict[tuple[str, str], Result], list[str]]:
     """Every operation ``args.reps`` times per path, the paths in rotating
-    order; the results and the integrity checks."""
-    data = b.tmp / "data"
-    cp_size, exec_size = args.cp_mib * MIB, args.exec_mib * MIB
-    say(f"writing {args.cp_mib} + {args.exec_mib} MiB of random bytes")
-    blob, echo = data / "blob", data / "echo"
-    digest, echo_digest = random_file(blob, cp_size), random_file(echo, exec_size)
-    out_dir = data / "out"
-    out_dir.mkdir()
+    order (a round: each path in turn does cp in, cp out, archive, exec -i,
+    logs -f); the results and the integrity checks."""
     wait_logs_complete(b, args.log_lines)
     res = {(op, p): Result() for op in OPS for p in PATHS}
-    # HAProxy >= 2.4 in HTTP mode does not pass the engine's hijacked streams
-    # (Upgrade: tcp on POST .../exec/<id>/start: no byte comes back; haproxy
-    # issue #2684): probed with 1 KiB, and exec -i then compared with direct
-    probe = data / "probe"
-    probe_digest = random_file(probe, 1024)
+    # HAProxy >= 2.4 in HTTP mode does not carry the engine's hijacked streams
+    # (Upgrade: tcp on a request with a body, as exec start is: haproxy issue
+    # #2684); _haproxy.py tunnels them (tunnel_upgrades).  Probed with 1 KiB
+    # first, so that a HAProxy that cannot is reported, not waited for.
     exec_paths = list(PATHS)
     try:
-        exec_echo(b, procs, "haproxy", probe, probe_digest, timeout=15)
+        exec_echo(b, procs, "haproxy", files["probe"], digests["probe"], timeout=15, snapshot=False)
         b.exec_haproxy = "works"
     except RuntimeError as e:
         say(f"exec -i through HAProxy fails ({e}); exec -i is compared with direct only")
@@ -276,52 +369,90 @@ def measure(b: ThreePaths, procs: Procs, args) -> tuple[dict[tuple[str, str], Re
     for rnd in range(args.reps):
         k = rnd % len(PATHS)
         for p in PATHS[k:] + PATHS[:k]:
-            inside = f"/tmp/blob-{p}"
             for op in OPS:
                 if op == "exec" and p not in exec_paths:
                     continue
                 prox = b.proxy_pids[p]
                 c0 = cpu_ns(prox)
-                if op == "get":
-                    n, secs = fetch_archive(b, p, inside)
-                    if n < cp_size:
-                        raise RuntimeError(f"GET archive through {p}: {n} bytes, expected at least {cp_size}")
-                    rate = cp_size / secs / 1e6
-                elif op == "exec":
-                    n, secs = exec_echo(b, procs, p, echo, echo_digest)
-                    rate = n / secs / 1e6
-                elif op == "logs":
-                    n, secs = logs_follow(b, procs, p, args.log_lines)
-                    rate = n / secs
-                else:
-                    argv = (["cp", str(blob), f"{b.ref(p, CONTAINER)}:{inside}"] if op == "in"
-                            else ["cp", f"{b.ref(p, CONTAINER)}:{inside}", str(out_dir)])
-                    t0 = time.perf_counter()
-                    b.docker(p, *argv)
-                    secs = time.perf_counter() - t0
-                    rate = cp_size / secs / 1e6
+                rate, secs = run_op(b, procs, op, p, args, files, digests)
                 r = res[op, p]
                 r.rates.append(rate)
                 r.seconds.append(secs)
                 r.proxy_cpu.append((cpu_ns(prox) - c0) / 1e9)
-            got = out_dir / f"blob-{p}"
+            got = files["out"] / f"blob-{p}"
             if rnd == 0:
                 h = sha256(got)
-                checks.append(f"{p}: {'identical' if h == digest else 'DIFFERENT'}")
-                if h != digest:
+                checks.append(f"{p}: {'identical' if h == digests['blob'] else 'DIFFERENT'}")
+                if h != digests["blob"]:
                     raise RuntimeError(f"cp through {p}: the copy brought back differs from the original")
             got.unlink()
-            b.docker("direct", "exec", b.ref("direct", CONTAINER), "rm", "-f", inside, check=False)
+            cli(b, "direct", "rm the copy", "exec", b.ref("direct", CONTAINER), "rm", "-f", f"/tmp/blob-{p}",
+                timeout=60)
             say(f"round {rnd + 1}/{args.reps}, {p}: " + ", ".join(
                 f"{NAMES[op]} {res[op, p].rates[-1]:.0f} {'lines/s' if op == 'logs' else 'MB/s'}" for op in OPS
                 if res[op, p].rates))
-    blob.unlink()
-    echo.unlink()
-    probe.unlink()
-    return res, [f"exec -i through HAProxy: {b.exec_haproxy} (probed with 1 KiB first)",
+    return res, [f"exec -i through HAProxy: {b.exec_haproxy} (probed with 1 KiB first; hijacked streams "
+                 "tunnelled in TCP mode)",
                  "cp: sha256 of the copy brought back out (cp in, then cp out, round 1) vs the original: "
                  + "; ".join(checks), "exec -i: every echo checked (byte count and sha256) against what went in",
                  f"logs -f: every run checked ({args.log_lines} lines, the last one '{args.log_lines}')"]
+
+
+# -- profile ------------------------------------------------------------------------------
+
+# frames that every sample of an asyncio proxy holds: left out of the inclusive tally
+_TRIVIAL = ("<module>", "run (asyncio/runners.py)", "run_until_complete", "run_forever", "_run_once",
+            "_run (asyncio/events.py)", "main (name_scoper", "serve (name_scoper", "asyncio.run")
+
+
+def profile(b: ThreePaths, procs: Procs, op: str, args, files: dict[str, Path], digests: dict[str, str],
+            seconds: float, rate: int = 250) -> tuple[str, str]:
+    """``py-spy record --gil`` on the scoper while ``op`` runs through it
+    again and again; the heaviest functions (inclusive and self) as shares
+    of the samples.  Returns the text and a one-line summary for the Row."""
+    spy = spy_path()
+    if spy is None:
+        return "profile: py-spy is not installed (pip install py-spy)", "no profile: py-spy is not installed"
+    f = b.tmp / f"spy-scoper-{op}.txt"
+    runs: list[float] = []
+
+    def load(deadline: float) -> int:
+        n = 0
+        while time.monotonic() < deadline or n == 0:
+            runs.append(run_op(b, procs, op, "scoper", args, files, digests)[0])
+            n += 1
+            if op == "in":
+                cli(b, "direct", "rm the copy", "exec", b.ref("direct", CONTAINER), "rm", "-f", "/tmp/blob-scoper",
+                    timeout=60)
+        return n
+
+    if op in ("out", "get"):  # something to take out
+        run_op(b, procs, "in", "scoper", args, files, digests)
+    c0 = cpu_ns([b.scoper_pid])
+    t0 = time.monotonic()
+    n = spy_record(b.cmds, spy, [b.scoper_pid], [f], rate, seconds, load)
+    wall = time.monotonic() - t0
+    cpu = (cpu_ns([b.scoper_pid]) - c0) / 1e9
+    total, incl, own = spy_tally([f], _TRIVIAL)
+    unit = "lines/s" if op == "logs" else "MB/s"
+    out = [f"profile  {NAMES[op]} through the scoper, py-spy record --gil at {rate} Hz (pid {b.scoper_pid}) for "
+           f"{seconds:.0f} s: {n} runs at {statistics.median(runs):.0f} {unit} (median, py-spy attached); the "
+           f"scoper's CPU {cpu:.1f} s of {wall:.1f} s wall; {total} samples with the GIL held "
+           f"({total / rate:.1f} s). Share of the samples, function (* = FDCS code):"]
+
+    def top(d: dict[str, int], k: int) -> list[tuple[str, int]]:
+        return sorted(d.items(), key=lambda kv: -kv[1])[:k]
+
+    def star(fn: str) -> str:
+        return "*" if "name_scoper/" in fn or "authz_plugin/" in fn else " "
+
+    out.append("  inclusive:")
+    out += [f"    {100 * k / max(total, 1):5.1f}% {star(fn)} {fn}" for fn, k in top(incl, 12)]
+    out.append("  self:")
+    out += [f"    {100 * k / max(total, 1):5.1f}% {star(fn)} {fn}" for fn, k in top(own, 12)]
+    summary = (f"scoper CPU {cpu:.1f} s / {wall:.1f} s wall under py-spy; self time: "
+               + ", ".join(f"{fn.split(' (')[0]} {100 * k / max(total, 1):.0f}%" for fn, k in top(own, 4)))
+    return "\n".join(out), summary
 
 
 # -- report -------------------------------------------------------------------------------
@@ -331,8 +462,9 @@ def report(b: ThreePaths, res: dict, checks: list[str], args, load: tuple) -> tu
     lines = machine() + [
         f"command  {shlex.join(['python3', *sys.argv])}",
         f"paths    scoper: fdcs-name-scoper pid {b.scoper_pid} ({b.scoper_host}, TLS); haproxy: HAProxy "
-        f"{b.haproxy_version} pid {b.haproxy_pid} (127.0.0.1:{b.haproxy_port}, mode http, TLS, "
-        f"http-server-close); direct: unix://{b.engine_socket}; one engine with the FDCS plugin behind all three",
+        f"{b.haproxy_version} pid {b.haproxy_pid} (127.0.0.1:{b.haproxy_port}, TLS, mode http with "
+        f"http-server-close; hijacked streams, i.e. exec -i, tunnelled in mode tcp); direct: "
+        f"unix://{b.engine_socket}; one engine with the FDCS plugin behind all three",
         f"client   /usr/bin/docker --config $FDCS_CONFIG_A1 -H <path> [--tlsverify --tlscacert --tlscert --tlskey] "
         f"(Debian's CLI, alice's HttpHeaders); {args.reps} repetitions per path and operation, paths in rotating "
         f"order; load average {load[0]:.2f} before, {load[1]:.2f} after",
@@ -380,8 +512,11 @@ def report(b: ThreePaths, res: dict, checks: list[str], args, load: tuple) -> tu
             cpu_h = statistics.median(res[op, "haproxy"].proxy_cpu)
             note = f"proxy CPU per op: scoper {cpu_s:.2f} s, HAProxy {cpu_h:.2f} s"
         else:
-            note = (f"HAProxy {b.haproxy_version} in HTTP mode does not pass hijacked streams (no byte back; "
-                    f"haproxy issue #2684): ratio against direct; scoper CPU per op {cpu_s:.2f} s")
+            note = (f"HAProxy {b.haproxy_version} did not carry exec -i (its 1 KiB probe failed; in HTTP mode it "
+                    f"drops the upgrade of a request with a body: haproxy issue #2684): ratio against direct; "
+                    f"scoper CPU per op {cpu_s:.2f} s")
+        if op == "exec" and ref == "haproxy":
+            note += "; HAProxy tunnels the hijacked stream in mode tcp (HTTP mode cannot: haproxy issue #2684)"
         if op == "out":
             note += "; over tcp:// dockerd gzips cp out (both proxies alike), see archive"
         if op == "get":
@@ -425,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("must run as root (the stack starts dockerd in a network namespace)")
 
-    b = ThreePaths(args.keep_stack, "fdcsb-streams", say)
+    # tunnel_upgrades: HAProxy carries exec -i (see _haproxy.HAPROXY_CFG_TUNNEL)
+    b = ThreePaths(args.keep_stack, "fdcsb-streams", say, tunnel_upgrades=True)
     procs = Procs()
     cleanup = b.cleanup
 
@@ -441,11 +577,25 @@ def main(argv: list[str] | None = None) -> int:
         say(f"container {CONTAINER} {cid[:12]}, made through the scoper")
         cid = b.run_container(LOGS, "sh", "-c", f"seq 1 {args.log_lines}; exec sleep 3600")
         say(f"container {LOGS} {cid[:12]}, made through the scoper")
+        data = b.tmp / "data"
+        files = {"blob": data / "blob", "echo": data / "echo", "probe": data / "probe", "out": data / "out"}
+        files["out"].mkdir()
+        say(f"writing {args.cp_mib} + {args.exec_mib} MiB of random bytes")
+        digests = {"blob": random_file(files["blob"], args.cp_mib * MIB),
+                   "echo": random_file(files["echo"], args.exec_mib * MIB),
+                   "probe": random_file(files["probe"], 1024)}
         load0 = os.getloadavg()[0]
-        res, checks = measure(b, procs, args)
+        res, checks = measure(b, procs, args, files, digests)
         load1 = os.getloadavg()[0]
         text, rows = report(b, res, checks, args, (load0, load1))
-        print(text, flush=True)
+        profiles = []
+        for op, row in zip(OPS, rows):  # one Row per operation, in OPS order
+            if row.met is False:
+                say(f"{NAMES[op]}: scoper/{row.ratio_of} {row.ratio:.2f} misses {row.target}: profiling the scoper")
+                ptext, summary = profile(b, procs, op, args, files, digests, seconds=8 if args.quick else 20)
+                profiles.append(ptext)
+                row.note += f"; profile: {summary}"
+        print("\n\n".join([text, *profiles]), flush=True)
         if args.json:
             write_rows(args.json, rows)
 
