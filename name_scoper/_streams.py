@@ -145,6 +145,13 @@ class RawStream(asyncio.Protocol):
     def lost(self) -> bool:
         return self._lost
 
+    @property
+    def idle_and_open(self) -> bool:
+        """Nothing unread, no EOF seen, not lost, not closing: a kept-alive
+        connection that may carry another request."""
+        return not (self._chunks or self._eof or self._lost or self.transport is None
+                    or self.transport.is_closing())
+
     def on_eof(self, callback: Callable[[], None] | None) -> None:
         if callback is not None and self._eof_seen:
             callback()

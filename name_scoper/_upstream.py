@@ -1,10 +1,15 @@
-"""The engine side of the proxy: one unix-socket connection per request, in HTTP/1.1
-(``http1``).
+"""The engine side of the proxy: unix-socket connections in HTTP/1.1 (``http1``).
 
-:class:`Upstream` is one request/response exchange on a fresh connection to
-the engine (never reused: a second request never shares a connection with a
-first, so nothing a tenant sends can reach the engine without having gone
-through the rewriting).  :class:`EngineClient` is the ``Engine`` callable of
+:class:`Upstream` is one request/response exchange on a connection to the
+engine; :class:`EnginePool` keeps the connections of exchanges that ended
+cleanly (both messages complete, kept alive, nothing unread) for the next
+request, one request at a time.  Reuse cannot carry a tenant's bytes to the
+engine: every request is re-serialized here with this proxy's own framing,
+and a connection whose exchange ended any other way (an error, a body the
+engine did not read, a hijack, a stream the client left) is closed, never
+reused.  The engine decides on every request by its own headers (the
+authorization plugin is asked per request, not per connection).
+:class:`EngineClient` is the ``Engine`` callable of
 ``exchange.py``: a whole sub-request, made with the caller's own
 authentication headers so that the authorization plugin decides on it as on
 the caller's own request.
@@ -81,11 +86,13 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: frozenset[bytes] = 
 class Upstream:
     """One exchange with the engine on its own connection."""
 
-    __slots__ = ("stream", "http")
+    __slots__ = ("stream", "http", "reused")
 
     def __init__(self, stream: RawStream):
         self.stream = stream
         self.http = http1.Connection(http1.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        #: kept alive from an earlier exchange (the engine may have closed it since)
+        self.reused = False
 
     @classmethod
     async def connect(cls, path: str, timeout: float) -> "Upstream":
@@ -149,6 +156,63 @@ class Upstream:
 
     def abort(self) -> None:
         self.stream.abort()
+
+    def reusable(self) -> bool:
+        """Both messages complete and kept alive, nothing unread."""
+        h = self.http
+        return (h.our_state is http1.DONE and h.their_state is http1.DONE and not h.trailing_data[0]
+                and self.stream.idle_and_open)
+
+
+class EnginePool:
+    """The engine connections of cleanly ended exchanges, for reuse.
+
+    :meth:`get` gives the most recently released live connection (not idle
+    for more than ``idle_seconds``; one the engine closed meanwhile is
+    dropped), else a new one; :meth:`release` keeps a connection whose
+    exchange ended cleanly (:meth:`Upstream.reusable`), up to ``max_idle``,
+    and aborts any other.  A connection is never shared: it is in the pool
+    or in one exchange."""
+
+    def __init__(self, path: str, connect_timeout: float, max_idle: int = 64, idle_seconds: float = 10.0):
+        self.path = path
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.idle_seconds = idle_seconds
+        #: (connection, loop time it was released), oldest first
+        self._idle: list[tuple[Upstream, float]] = []
+
+    async def get(self, reuse: bool = True) -> Upstream:
+        """A connection for one exchange (a kept-alive one only when
+        ``reuse``); :class:`EngineUnavailable` when none can be made."""
+        idle = self._idle
+        if idle and reuse:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            while idle:
+                up, since = idle.pop()
+                if now - since <= self.idle_seconds and up.stream.idle_and_open:
+                    up.http.start_next_cycle()
+                    up.reused = True
+                    return up
+                up.abort()
+        return await Upstream.connect(self.path, self.connect_timeout)
+
+    def release(self, up: Upstream) -> None:
+        """Keep ``up`` for a next exchange if it may carry one, else abort it."""
+        idle = self._idle
+        now = asyncio.get_running_loop().time()
+        while idle and now - idle[0][1] > self.idle_seconds:  # the oldest first
+            idle.pop(0)[0].abort()
+        if len(idle) < self.max_idle and up.reusable():
+            idle.append((up, now))
+        else:
+            up.abort()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for up, _ in idle:
+            up.abort()
 
 
 class EngineClient:

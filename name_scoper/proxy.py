@@ -17,8 +17,10 @@ One client connection (TLS on the tenant side) may carry many requests
    rewriting, ``handlers.py``; see ``exchange.py``), whose
    :class:`~name_scoper.exchange.Exchange` says what to send and how to
    treat the bodies, or rejects;
-5. its OWN new connection to the engine: the request re-serialized by ``http1``
-   (never the client's bytes), ``X-Request-Id`` set, the body streamed (or
+5. a connection to the engine of its own for the exchange (a new one, or
+   one a cleanly ended exchange left, see ``_upstream.EnginePool``): the
+   request re-serialized by ``http1`` (never the client's bytes),
+   ``X-Request-Id`` set, the body streamed (or
    buffered and rewritten), the response streamed back (or buffered,
    rewritten line by line), or -- on ``101`` or the engine's old ``200`` raw
    stream -- raw bidirectional copying until both sides have ended;
@@ -54,8 +56,8 @@ from authz_plugin.errors import FdcsError
 from . import http1
 from ._raw import splice
 from ._streams import RawStream, StreamClosed, TLSStream, http_next
-from ._upstream import (MAX_HEAD, MSG_ENGINE_UNAVAILABLE, EngineClient, EngineUnavailable, read_capped,
-                        Upstream, end_to_end)
+from ._upstream import (MAX_HEAD, MSG_ENGINE_UNAVAILABLE, EngineClient, EnginePool, EngineUnavailable,
+                        read_capped, Upstream, end_to_end)
 from .exchange import MAX_JSON, MAX_RESPONSE_JSON, Engine, Exchange, Headers
 
 __all__ = ["ScoperServer", "serve", "pass_through", "default_prepare", "Prepare"]
@@ -222,6 +224,8 @@ class _Client:
         self.stream = stream
         self.peer = peer
         self.http = http1.Connection(http1.SERVER, max_incomplete_event_size=MAX_HEAD)
+        #: the engine connection of the request being served
+        self.up: Upstream | None = None
         self.idle = True
         self.task = asyncio.current_task()
         self._gone = False
@@ -491,60 +495,89 @@ class _Client:
         out += framing
         if wants_upgrade:
             out += [(b"connection", b"Upgrade"), (b"upgrade", upgrade)]
-        else:
-            out.append((b"connection", b"close"))
 
-        # -- the engine ---------------------------------------------------------------------
+        # -- the engine ------------------------------------------------------------------
+        # A request that changes nothing, has no body and is not a stream
+        # to hijack may go on a kept-alive connection; should the engine have
+        # closed that one before any answer came, it is sent once more on a
+        # new one.  Any other request gets a new connection and is never
+        # sent twice.
+        hijackable = wants_upgrade or bool(_HIJACK_PATH.search(rec.path))
+        retry = method in ("GET", "HEAD") and not has_body and not hijackable
         try:
-            up = await Upstream.connect(s.engine_socket, s.connect_timeout)
+            self.up = await s.engine_pool.get(reuse=retry)
         except EngineUnavailable as e:
             LOG.warning("cannot reach the engine at %s (request %s): %s", s.engine_socket, rid,
                         e.__cause__)
             return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
         try:
-            return await self._forward(req, rec, ex, up, out, body, has_body, wants_upgrade)
+            return await self._forward(req, rec, ex, out, body, has_body, hijackable, retry)
         finally:
-            up.abort()
+            up, self.up = self.up, None
+            s.engine_pool.release(up)  # kept only when the exchange ended cleanly
 
-    async def _forward(self, req, rec, ex: Exchange, up: Upstream, out: Headers,
-                       body: bytes | None, has_body: bool, wants_upgrade: bool) -> bool:
-        try:
-            up.send(http1.Request(method=ex.method, target=ex.target, headers=out))
-            if body is not None:
-                if body:
-                    up.send(http1.Data(data=body))
-                up.send(http1.EndOfMessage())
-        except http1.LocalProtocolError:
-            LOG.exception("the rewriting produced an invalid request (request %s)", rec.rid)
-            return await self._answer(req, rec, 500, f"internal error (request id {rec.rid})")
-        except StreamClosed:
-            return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+    async def _renew(self) -> Upstream:
+        """A new engine connection in place of a kept-alive one the engine
+        closed; :class:`EngineUnavailable` when none can be made."""
+        self.up.abort()
+        self.up = await Upstream.connect(self.s.engine_socket, self.s.connect_timeout)
+        return self.up
+
+    async def _forward(self, req, rec, ex: Exchange, out: Headers, body: bytes | None,
+                       has_body: bool, hijackable: bool, retry: bool) -> bool:
+        up = self.up
+        if body is None and not has_body:
+            # no body: the client's end of message is at hand; the request
+            # goes out whole (and can go out again, see _serve)
+            if type(await self.next_event()) is not http1.EndOfMessage:
+                raise StreamClosed("the client closed during the request")
+            body = b""
         pump = None
-        if body is not None:
-            pass
-        elif has_body:
-            self._continue()
-            pump = asyncio.ensure_future(self._pump(up, rec))
-        else:
-            await self._pump(up, rec)  # no body: EndOfMessage is at hand
-
-        hijackable = wants_upgrade or bool(_HIJACK_PATH.search(rec.path))
-        try:
-            if pump is None:
-                if not hijackable:
-                    self.stream.on_eof(self._went_away)
-                head = await up.response_head()
-            else:
-                head = await self._head_while_pumping(up, pump, hijackable)
-        except EngineUnavailable as e:
-            LOG.warning("the engine broke off (request %s): %s", rec.rid, e.__cause__ or e)
-            if pump is not None and not pump.done():
-                pump.cancel()
-            return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
-        except BaseException:
-            if pump is not None and not pump.done():
-                pump.cancel()
-            raise
+        for attempt in (1, 2):
+            again = attempt == 1 and retry and up.reused
+            try:
+                up.send(http1.Request(method=ex.method, target=ex.target, headers=out))
+                if body is not None:
+                    if body:
+                        up.send(http1.Data(data=body))
+                    up.send(http1.EndOfMessage())
+            except http1.LocalProtocolError:
+                LOG.exception("the rewriting produced an invalid request (request %s)", rec.rid)
+                return await self._answer(req, rec, 500, f"internal error (request id {rec.rid})")
+            except StreamClosed:
+                if again:
+                    try:
+                        up = await self._renew()
+                    except EngineUnavailable:
+                        return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+                    continue
+                return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+            if body is None:  # has_body: streamed as it comes
+                self._continue()
+                pump = asyncio.ensure_future(self._pump(up, rec))
+            try:
+                if pump is None:
+                    if not hijackable:
+                        self.stream.on_eof(self._went_away)
+                    head = await up.response_head()
+                else:
+                    head = await self._head_while_pumping(up, pump, hijackable)
+            except EngineUnavailable as e:
+                if again:
+                    try:
+                        up = await self._renew()
+                    except EngineUnavailable:
+                        return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+                    continue
+                LOG.warning("the engine broke off (request %s): %s", rec.rid, e.__cause__ or e)
+                if pump is not None and not pump.done():
+                    pump.cancel()
+                return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+            except BaseException:
+                if pump is not None and not pump.done():
+                    pump.cancel()
+                raise
+            break
 
         if type(head) is http1.InformationalResponse:  # 101
             self.stream.on_eof(None)
@@ -852,6 +885,7 @@ class ScoperServer:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.engine_pool = EnginePool(engine_socket, connect_timeout)
         self.executor = ThreadPoolExecutor(identity_threads, thread_name_prefix="fdcs-identity")
         # An identity that can answer from its cache without blocking
         # (IdentityService.authenticate_cached) spares a warm token the hop to
@@ -986,6 +1020,7 @@ class ScoperServer:
             if pending:
                 LOG.info("cut %d connection(s) still busy after %.0f s", len(pending), grace)
                 await asyncio.wait(pending, timeout=2.0)
+        self.engine_pool.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -485,7 +485,7 @@ def test_pass_through_get(engine, client, identity):
     assert json.loads(body) == {"method": "GET", "target": "/v1.41/version?x=1", "body": 0}
     (e,) = engine.conns
     assert e.header("X-Auth-Token") == "tok-a" and e.header("X-Auth-TenantId") == "a" * 32
-    assert e.header("Connection") == "close"
+    assert e.header("Connection") is None  # HTTP/1.1: kept alive, see the engine connection tests
     rid = e.header("X-Request-Id")
     assert rid and headers["x-request-id"] == rid
     assert identity.calls[0][1] == "127.0.0.1"
@@ -573,7 +573,7 @@ def test_hop_by_hop_and_connection_named_headers_are_not_forwarded(engine, clien
                                         "Keep-Alive": "timeout=5", "TE": "trailers"})
     (e,) = engine.conns
     assert e.header("X-Drop") is None and e.header("Keep-Alive") is None and e.header("TE") is None
-    assert e.header("Connection") == "close"
+    assert e.header("Connection") is None
 
 
 def test_request_id_sane_kept_insane_replaced(engine, client):
@@ -597,6 +597,77 @@ def test_a_control_character_in_a_header_value_is_refused(engine, client, ctl):
     # positive control: the same header without the control character
     assert client().request("GET", "/v1.41/version", {"X-Request-Id": "idx"})[0] == 200
     assert engine.count == 1
+
+
+# =========================================================================================
+# engine connections: kept alive for reads, new for everything else
+# =========================================================================================
+
+
+def keep_alive(c: EngineConn):
+    """An engine that keeps its connections (as dockerd does): every request
+    on the connection answered with its method, target and the connection's
+    count of requests so far."""
+    n = 0
+    while True:
+        c.read_body()
+        n += 1
+        c.respond_json({"method": c.method, "target": c.target, "nth": n})
+        try:
+            c.read_head()
+        except EOFError:
+            return
+
+
+def test_reads_reuse_an_engine_connection_writes_get_their_own(engine, client):
+    engine.behave = keep_alive
+    c = client()
+    answers = [json.loads(c.request("GET", f"/v1.41/containers/{i}/json")[2]) for i in range(3)]
+    assert [a["nth"] for a in answers] == [1, 2, 3] and engine.count == 1
+    # a request with a body (or one that changes something): a new connection
+    status, _, body = c.request("POST", "/v1.41/containers/x/start", body=b"")
+    assert status == 200 and json.loads(body)["nth"] == 1 and engine.count == 2
+    # ... which, ended cleanly, a next read may use
+    assert json.loads(c.request("GET", "/v1.41/version")[2])["nth"] in (2, 4)
+    assert engine.count == 2
+
+
+def test_a_kept_alive_connection_the_engine_closed_is_retried_once_on_a_new_one(engine, client):
+    """The engine answers one request per connection and closes the
+    connection when a second one comes, unanswered (as a server closing an
+    idle connection just then would): the read is sent once more, on a new
+    connection, and answered -- never a 502."""
+    def one_per_connection(c: EngineConn):
+        c.read_body()
+        c.respond_json({"target": c.target})
+        c.read_head()  # the next request: dropped with the connection
+        c.read_body()
+    engine.behave = one_per_connection
+    c = client()
+    for i in range(5):
+        status, _, body = c.request("GET", f"/v1.41/containers/{i}/json")
+        assert status == 200 and json.loads(body) == {"target": f"/v1.41/containers/{i}/json"}, body
+    # each later request: dropped by the kept-alive connection (its last
+    # request read), answered on a new one, which is then kept in turn
+    wait_until(lambda: engine.count == 5 and all(e.target.endswith("4/json") or e.done.is_set()
+                                                 for e in engine.conns))
+    assert [e.target for e in engine.conns] == [f"/v1.41/containers/{i}/json" for i in (1, 2, 3, 4, 4)]
+
+
+def test_a_connection_with_bytes_after_the_answer_is_not_reused(engine, client):
+    """The engine sent more than its answer (nothing a sound engine does):
+    those bytes must never be read as the answer to a next request."""
+    def and_junk(c: EngineConn):
+        c.read_body()
+        c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+               b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n\"smuggled\"")
+        keep_alive(c)  # and keeps the connection
+    engine.behave = and_junk
+    c = client()
+    assert c.request("GET", "/v1.41/version")[2] == b"{}"
+    status, _, body = c.request("GET", "/v1.41/version")
+    assert status == 200 and body == b"{}" and engine.count == 2
+    # control: the same engine without the junk keeps one connection (see above)
 
 
 # =========================================================================================
