@@ -516,12 +516,16 @@ class _Client:
             up, self.up = self.up, None
             s.engine_pool.release(up)  # kept only when the exchange ended cleanly
 
-    async def _renew(self) -> Upstream:
-        """A new engine connection in place of a kept-alive one the engine
-        closed; :class:`EngineUnavailable` when none can be made."""
+    async def _renewed(self) -> bool:
+        """A new engine connection (``self.up``) in place of a kept-alive
+        one the engine closed; False when none can be made."""
         self.up.abort()
-        self.up = await Upstream.connect(self.s.engine_socket, self.s.connect_timeout)
-        return self.up
+        try:
+            self.up = await Upstream.connect(self.s.engine_socket, self.s.connect_timeout)
+        except EngineUnavailable as e:
+            LOG.warning("cannot reach the engine at %s: %s", self.s.engine_socket, e.__cause__)
+            return False
+        return True
 
     async def _forward(self, req, rec, ex: Exchange, out: Headers, body: bytes | None,
                        has_body: bool, hijackable: bool, retry: bool) -> bool:
@@ -545,11 +549,8 @@ class _Client:
                 LOG.exception("the rewriting produced an invalid request (request %s)", rec.rid)
                 return await self._answer(req, rec, 500, f"internal error (request id {rec.rid})")
             except StreamClosed:
-                if again:
-                    try:
-                        up = await self._renew()
-                    except EngineUnavailable:
-                        return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+                if again and await self._renewed():
+                    up = self.up
                     continue
                 return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
             if body is None:  # has_body: streamed as it comes
@@ -563,11 +564,8 @@ class _Client:
                 else:
                     head = await self._head_while_pumping(up, pump, hijackable)
             except EngineUnavailable as e:
-                if again:
-                    try:
-                        up = await self._renew()
-                    except EngineUnavailable:
-                        return await self._answer(req, rec, 502, MSG_ENGINE_UNAVAILABLE)
+                if again and await self._renewed():
+                    up = self.up
                     continue
                 LOG.warning("the engine broke off (request %s): %s", rec.rid, e.__cause__ or e)
                 if pump is not None and not pump.done():
