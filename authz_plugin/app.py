@@ -29,6 +29,7 @@ from flask import Flask, Response, request
 
 from . import metrics
 from .config import Config
+from .policy import RECORDING_METHODS
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +125,13 @@ _HEAD = re.compile(rb'\{(?:"User":"(?:[^"\\]|\\.)*",)?(?:"UserAuthNMethod":"(?:[
 
 def reads_only(payload: bytes) -> bool:
     """True when an ``AuthZRes`` payload is that of a request whose method
-    the response hook has nothing to record for (not POST or DELETE: see
-    ``Authorizer.authz_response``), read from the payload's head alone.  An
+    the response hook has nothing to record for (not one of
+    ``policy.RECORDING_METHODS``), read from the payload's head alone.  An
     inspect or list answer is in the payload in full, base64 in JSON; the
     response hook of every read would otherwise decode it to learn only
     the method.  False (decode it all) for anything else."""
     m = _HEAD.match(payload)
-    return m is not None and m.group(1) not in (b"POST", b"DELETE")
+    return m is not None and m.group(1).decode("ascii", "replace") not in RECORDING_METHODS
 
 
 def create_app(cfg: Config, authorizer=None) -> Flask:

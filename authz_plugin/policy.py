@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 _RECORDING = frozenset({"container_create", "container_rename", "exec_create", "network_create",
                         "volume_create", "own", "scoped", "container_update"})
 
+#: the request methods whose answers the response hook records (creates,
+#: renames, removals); any other answer is allowed as it is
+RECORDING_METHODS = frozenset({"POST", "DELETE"})
+
 #: seconds a worker trusts its copy of the suspended tenants (``fdcs-manage
 #: tenant suspend`` waits this long before it stops the tenant's containers)
 SUSPENSION_TTL = 2.0
@@ -116,7 +120,7 @@ class Authorizer:
         t0 = time.perf_counter()
         rid = _request_id(payload)
         status = payload.get("ResponseStatusCode") or 0
-        if payload.get("RequestMethod") not in ("POST", "DELETE"):
+        if payload.get("RequestMethod") not in RECORDING_METHODS:
             return allow()  # nothing was created or removed
         who: dict[str, str] = {}
         req = None
