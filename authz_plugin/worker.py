@@ -179,6 +179,8 @@ class HookWorker(Worker):
 
     def init_process(self):
         self._lock = threading.Lock()
+        #: notified (under _lock) whenever a connection ends: room for a new one
+        self._room = threading.Condition(self._lock)
         self._conns: set[socket.socket] = set()
         self._busy = 0  # requests being answered
         self._pool = cf.ThreadPoolExecutor(max_workers=max(1, self.cfg.threads), thread_name_prefix="conn")
@@ -221,9 +223,9 @@ class HookWorker(Worker):
         self._drain()
 
     def _wait_for_room(self, beat: float) -> None:
-        deadline = time.monotonic() + beat
-        while self.alive and len(self._conns) >= self.cfg.threads and time.monotonic() < deadline:
-            time.sleep(0.01)
+        """Until a connection ends, or ``beat`` seconds (the heartbeat)."""
+        with self._room:
+            self._room.wait_for(lambda: len(self._conns) < self.cfg.threads or not self.alive, beat)
 
     def _serve(self, sock: socket.socket, hooks) -> None:
         conn = Conn(sock)
@@ -257,8 +259,9 @@ class HookWorker(Worker):
         except (OSError, TimeoutError):
             pass  # the engine went away, or the connection idled out
         finally:
-            with self._lock:
+            with self._room:
                 self._conns.discard(sock)
+                self._room.notify()
             try:
                 sock.close()
             except OSError:
