@@ -46,10 +46,25 @@ gauges, which only the master computes, so each host exports them once.
 Every hook called from the request paths (:func:`decision`,
 :func:`identity_event`, :func:`redis_error`, :func:`scoper_request`...)
 never raises: a metrics fault must not change a decision.
+
+In multiprocess mode every counter step is a locked write to a memory-mapped
+file, and a decision made three of them (the decision counter, the
+histogram's sum and bucket) plus one for the identity cache hit: ~20 us of
+every hook.  So there the plugin's :func:`decision` and
+:func:`identity_event` only append to an in-process queue, and a daemon
+thread per process (:class:`_Buffer`) applies what accumulated, summed, at
+most :data:`FLUSH_LINGER` seconds after the first pending step -- and at
+the process's exit.  A scrape therefore sees a decision within
+:data:`FLUSH_LINGER` seconds (poll, do not expect it at once).  In
+single-process mode (the scoper, the reconciler, unit tests) a step is a
+cheap in-memory add and is applied at once.
 """
 
 from __future__ import annotations
 
+import atexit
+import bisect
+import collections
 import glob
 import logging
 import os
@@ -86,6 +101,8 @@ ENDPOINT_KINDS = frozenset({
 })
 _VERSION_PREFIX = re.compile(r"^/v\d+(?:\.\d+)?(?=/)")
 _REASON = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+#: seconds a buffered metric step waits at most before it is applied (see the module doc)
+FLUSH_LINGER = 0.25
 _READ_METHODS = frozenset({"GET", "HEAD"})
 _WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 
@@ -214,6 +231,8 @@ class _Common:
     """The metrics every daemon has."""
 
     kind = "common"
+    #: the plugin's :class:`_Buffer` in multiprocess mode, else None (steps applied at once)
+    buffer: "_Buffer | None" = None
 
     def __init__(self, registry):
         from prometheus_client import Counter
@@ -300,20 +319,39 @@ _lock = threading.Lock()
 _active: _Common | None = None
 
 
-def activate(kind: str, registry=None) -> _Common:
+def activate(kind: str, registry=None, buffered: bool | None = None) -> _Common:
     """Make the metric set of daemon ``kind`` (``plugin``, ``scoper``,
     ``reconciler``) this process's, registered in ``registry`` (default: a
     new private registry, the one to serve).  Idempotent for the same kind;
-    activating another kind replaces the set (tests)."""
+    activating another kind replaces the set (tests).  ``buffered``: the
+    plugin's decisions and identity events go through a :class:`_Buffer`
+    (default: in multiprocess mode only; see the module doc)."""
     global _active
     with _lock:
-        if _active is not None and _active.kind == kind and registry in (None, _active.registry):
+        if (_active is not None and _active.kind == kind and registry in (None, _active.registry)
+                and (buffered is None or buffered == (_active.buffer is not None))):
             return _active
         if registry is None:
             from prometheus_client import CollectorRegistry
             registry = CollectorRegistry()
-        _active = _KINDS[kind](registry)
+        m = _KINDS[kind](registry)
+        if kind == "plugin" and (_multiprocess() if buffered is None else buffered):
+            m.buffer = _Buffer(m)
+        _active = m
         return _active
+
+
+def _multiprocess() -> bool:
+    """prometheus_client writes its values to files (it decided at its import)."""
+    from prometheus_client import values
+    return values.ValueClass is not values.MutexValue
+
+
+def flush() -> None:
+    """Apply the buffered metric steps of this process now (tests; exit)."""
+    m = _active
+    if m is not None and m.buffer is not None:
+        m.buffer.flush()
 
 
 def active() -> _Common:
@@ -350,13 +388,39 @@ def decision(hook: str, allow: bool, reason: str, seconds: float) -> None:
     m = active()
     if isinstance(m, PluginMetrics):
         key = (hook == "request", allow, reason)
-        children = m.children.get(key)
-        if children is None:  # labels() takes a lock and builds a key: once per combination
-            h = "request" if hook == "request" else "response"
-            children = m.children[key] = (m.decisions.labels(h, "allow" if allow else "deny", reason_label(reason)),
-                                          m.hook_seconds.labels(h))
-        children[0].inc()
-        children[1].observe(max(0.0, seconds))
+        if m.buffer is not None:
+            m.buffer.add((key, seconds))
+        else:
+            _apply_decisions(m, key, 1, (seconds,))
+
+
+def _children(m: PluginMetrics, key: tuple[bool, bool, str]) -> tuple:
+    children = m.children.get(key)
+    if children is None:  # labels() takes a lock and builds a key: once per combination
+        request, allow, reason = key
+        h = "request" if request else "response"
+        children = m.children[key] = (m.decisions.labels(h, "allow" if allow else "deny", reason_label(reason)),
+                                      m.hook_seconds.labels(h))
+    return children
+
+
+def _apply_decisions(m: PluginMetrics, key: tuple[bool, bool, str], n: int, seconds: Iterable[float]) -> None:
+    """``n`` decisions of ``key`` taking ``seconds`` each: one counter step
+    and, where prometheus_client's histogram internals are as expected, one
+    step for the sum and one per bucket hit (not three file writes per
+    decision)."""
+    counter, hist = _children(m, key)
+    counter.inc(n)
+    bounds = getattr(hist, "_upper_bounds", None)
+    total, buckets = getattr(hist, "_sum", None), getattr(hist, "_buckets", None)
+    if bounds is None or total is None or buckets is None or len(buckets) != len(bounds):
+        for v in seconds:
+            hist.observe(max(0.0, v))
+        return
+    hits = _Tally(bisect.bisect_left(bounds, max(0.0, v)) for v in seconds)
+    total.inc(sum(max(0.0, v) for v in seconds))
+    for i, c in hits.items():
+        buckets[min(i, len(buckets) - 1)].inc(c)
 
 
 @_guarded
@@ -364,7 +428,100 @@ def identity_event(what: str) -> None:
     """One identity-service counter step (its ``stats()`` names accepted)."""
     event = _IDENTITY_NAMES.get(what, what)
     if event in IDENTITY_EVENTS:
-        active().identity.labels(event).inc()
+        m = active()
+        if m.buffer is not None:
+            m.buffer.add(event)
+        else:
+            m.identity.labels(event).inc()
+
+
+class _Buffer:
+    """The plugin's decisions and identity events of one process, queued by
+    the request threads and applied, summed, by a daemon thread at most
+    ``linger`` seconds after the first pending one (and at exit).
+
+    :meth:`add` never blocks and costs a deque append (plus, for the first
+    step after a flush, setting an event).  The thread is started by the
+    first :meth:`add` in each process (a forked child drops what its parent
+    had queued: the parent applies it)."""
+
+    def __init__(self, m: PluginMetrics, linger: float = FLUSH_LINGER):
+        self.m = m
+        self.linger = linger
+        self.q: collections.deque = collections.deque()  # (key, seconds) or an identity event
+        self._ready = threading.Event()
+        self._lock = threading.Lock()  # one flush at a time; the thread's start
+        self._pid = -1
+        self.flushes = 0
+
+    def add(self, item) -> None:
+        if self._pid != os.getpid():
+            self._start()
+        self.q.append(item)  # atomic
+        if not self._ready.is_set():
+            self._ready.set()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="fdcs-metrics-flush", daemon=True).start()
+            atexit.register(self._at_exit, self._pid)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child: fresh locks (the parent's may have been held),
+        nothing of the parent's queued, no thread yet."""
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self.q.clear()
+        self._pid = -1
+
+    def _run(self) -> None:
+        while True:
+            self._ready.wait()
+            time.sleep(self.linger)  # let a burst accumulate: one summed step per label set
+            # steps queued from here on set the event again (none is lost:
+            # one queued before the clear is in the deque for this flush)
+            self._ready.clear()
+            self.flush()
+
+    def _at_exit(self, pid: int) -> None:
+        if pid == os.getpid():
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply everything queued so far; never raises."""
+        with self._lock:
+            decisions: dict[tuple[bool, bool, str], list[float]] = {}
+            events: _Tally[str] = _Tally()
+            q = self.q
+            while True:
+                try:
+                    item = q.popleft()
+                except IndexError:
+                    break
+                if isinstance(item, str):
+                    events[item] += 1
+                else:
+                    decisions.setdefault(item[0], []).append(item[1])
+            try:
+                for key, seconds in decisions.items():
+                    _apply_decisions(self.m, key, len(seconds), seconds)
+                for event, n in events.items():
+                    self.m.identity.labels(event).inc(n)
+            except Exception:  # a metrics fault must not stop the thread
+                log.debug("applying buffered metrics failed", exc_info=True)
+            self.flushes += 1
+
+
+def _after_fork_in_child() -> None:
+    m = _active
+    if m is not None and m.buffer is not None:
+        m.buffer.after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @_guarded

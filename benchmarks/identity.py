@@ -214,7 +214,21 @@ class IdentityBench(Bench):
                                                "X-Auth-Token": token, "X-Auth-TenantId": self.tenant})
 
     def identity_events(self) -> dict[str, float]:
-        """The plugin's ``fdcs_identity_events_total`` by event (its metrics)."""
+        """The plugin's ``fdcs_identity_events_total`` by event (its metrics),
+        once settled: the workers apply their counts from a background thread
+        at most ``metrics.FLUSH_LINGER`` late, so read until two reads that
+        far apart agree (at most about 5 s)."""
+        from authz_plugin.metrics import FLUSH_LINGER
+        last = self._read_events()
+        for _ in range(int(5 / (FLUSH_LINGER + 0.05)) + 1):
+            time.sleep(FLUSH_LINGER + 0.05)
+            now = self._read_events()
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def _read_events(self) -> dict[str, float]:
         out: dict[str, float] = {}
         try:
             text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()

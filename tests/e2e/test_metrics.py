@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from authz_plugin import metrics
 from authz_plugin.scoping import TENANT_LABEL
 
 from .conftest import Cli, client_env, wait_for
@@ -74,21 +75,44 @@ def test_metrics_are_not_on_the_tenants_port(stack, scoper):
     assert ("fdcs_scoper_open_connections", ()) in scrape(stack.env["FDCS_METRICS_H1_SCOPER"])
 
 
+def _settled(url: str, name: str, **labels) -> dict:
+    """A scrape once the plugin's workers have applied what they had queued
+    (they apply decisions from a background thread, at most
+    ``metrics.FLUSH_LINGER`` seconds late): two scrapes that far apart agree."""
+    last = []
+
+    def same():
+        s = scrape(url)
+        last.append(get(s, name, **labels))
+        return s if len(last) > 1 and last[-1] == last[-2] else None
+    return wait_for(same, timeout=30, interval=metrics.FLUSH_LINGER + 0.1, what=f"{name} to settle")
+
+
+def _scrape_until(url: str, cond, what: str) -> dict:
+    """The first scrape for which ``cond(samples)`` holds (polled)."""
+    def check():
+        s = scrape(url)
+        return s if cond(s) else None
+    return wait_for(check, timeout=30, what=what)
+
+
 def test_decision_counters_move(stack):
     url = stack.env["FDCS_METRICS_H1_PLUGIN"]
     alice = stack.cli("FDCS_CONFIG_A1")  # straight on engine 1: every call is one plugin decision
     tenant = stack.env["FDCS_TENANT_A"]
-    before = scrape(url)
+    deny = ("fdcs_authz_decisions_total", {"hook": "request", "result": "deny", "reason": "policy"})
+    before = _settled(url, deny[0], **deny[1])
     # denied: a container list that is not filtered by the tenant's label
     alice.fails("ps", match="filtered by your tenant label")
-    after_deny = scrape(url)
-    deny = ("fdcs_authz_decisions_total", {"hook": "request", "result": "deny", "reason": "policy"})
+    after_deny = _scrape_until(url, lambda s: get(s, deny[0], **deny[1]) > get(before, deny[0], **deny[1]),
+                               "the denied list to be counted")
     assert get(after_deny, deny[0], **deny[1]) == get(before, deny[0], **deny[1]) + 1
     # allowed: the same list, filtered (positive control)
     alice("ps", "--filter", f"label={TENANT_LABEL}={tenant}")
-    after_allow = scrape(url)
     ok = {"hook": "request", "result": "allow", "reason": "ok"}
-    assert get(after_allow, "fdcs_authz_decisions_total", **ok) >= get(after_deny, "fdcs_authz_decisions_total", **ok) + 1
+    after_allow = _scrape_until(url, lambda s: get(s, "fdcs_authz_decisions_total", **ok) >=
+                                get(after_deny, "fdcs_authz_decisions_total", **ok) + 1,
+                                "the allowed list to be counted")
     assert get(after_allow, deny[0], **deny[1]) == get(after_deny, deny[0], **deny[1])
     assert get(after_allow, "fdcs_authz_hook_duration_seconds_count", hook="request") > \
         get(before, "fdcs_authz_hook_duration_seconds_count", hook="request")

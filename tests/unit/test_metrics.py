@@ -384,6 +384,13 @@ def test_fdcs_authz_counts_across_its_workers_and_serves_from_the_master(tmp_pat
         status, res = _unix_post(str(sock), "/AuthZPlugin.AuthZReq", json.dumps(
             {"RequestMethod": "GET", "RequestUri": "/v1.41/info", "RequestHeaders": {}}).encode())
         assert json.loads(res)["Allow"] is False
+        # each worker applies its counts from a background thread (metrics.FLUSH_LINGER): poll
+        want = {("fdcs_authz_decisions_total", (("hook", "request"), ("reason", "admin"), ("result", "allow"))): n,
+                ("fdcs_authz_decisions_total", (("hook", "request"), ("reason", "authentication"),
+                                                ("result", "deny"))): 1,
+                ("fdcs_identity_events_total", (("event", "admin_key"),)): n}
+        wait_until(lambda: (lambda s: all(s.get(k) == v for k, v in want.items()))(scrape()),
+                   what="every worker's counts in a scrape")
         s = scrape()
         d = lambda **lab: s.get(("fdcs_authz_decisions_total", tuple(sorted(lab.items()))))  # noqa: E731
         assert d(hook="request", result="allow", reason="admin") == n
