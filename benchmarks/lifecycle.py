@@ -28,7 +28,11 @@ Series (mode x engine) run ``--cycles`` cycles per round in rotating order
 for ``--rounds`` rounds (after one uncounted cycle each).  Reported: the
 median and p90 cycle time, the median of each step, the ratio fdcs/no-plugin
 of the median cycle (target <= 1.05) and the median of the per-round ratios,
-and the plugin's own decision time per hook from its audit log.
+the plugin's own decision time per hook from its audit log, and the CPU time
+per cycle of each engine-side process (dockerd, its containerd; on fdcs also
+the plugin, the reconciler, Redis), measured around each series' batch of
+cycles: on a shared 2-core machine CPU time says where the difference goes
+far more steadily than wall time does.
 
 Everything started is stopped in a ``finally`` (also on Ctrl-C/SIGTERM): the
 extra engine, any container left in the stack's engine, the stack
@@ -53,14 +57,16 @@ from authz_plugin.devstack._procs import clean_env
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import (Conn, Row, cli_create_body, log_size, machine, pct, progress,  # noqa: E402
-                     run_bench, write_rows)
+from _common import (Conn, Row, children, cli_create_body, cpu_ns, log_size, machine, pct,  # noqa: E402
+                     progress, run_bench, write_rows)
 from plugin_inspect import TENANT_LABEL, Bench  # noqa: E402
 
 TARGET = 1.05
 ENGINES = ("fdcs", "no-plugin")
 MODES = ("cli", "raw")
 STEPS = ("create", "start", "wait", "rm")
+#: processes whose CPU time a cycle is charged with, per engine
+COMPONENTS = ("dockerd", "containerd", "plugin", "reconciler", "redis")
 API = "/v1.41"
 
 say = progress("lifecycle")
@@ -95,6 +101,18 @@ class LifecycleBench(Bench):
         self.flags = ["--cgroupns", "private", "--label", f"{TENANT_LABEL}={self.tenant}",
                       "--pids-limit", "100", "--network", "none"]
         self.cli_env = clean_env()
+        self.interval = _reconcile_interval(Path(self.stack.dir) / "fdcs.toml")
+        eng = self.stack.pid("engine-h1")
+        authz = self.stack.pid("authz-h1")
+        npe = self.engine_pids["no-plugin"]
+        # containerd is dockerd's child; the plugin's gunicorn workers the master's
+        self.pids = {
+            "fdcs": {"dockerd": [eng], "containerd": children(eng) if eng else [],
+                     "plugin": [authz, *children(authz)] if authz else [],
+                     "reconciler": [self.stack.pid("reconciler-h1")], "redis": [self.stack.pid("redis")]},
+            "no-plugin": {"dockerd": [npe], "containerd": children(npe)},
+        }
+        self.pids = {e: {k: [p for p in v if p] for k, v in d.items()} for e, d in self.pids.items()}
 
     def cleanup(self) -> list[str]:
         problems = []
@@ -172,10 +190,20 @@ class LifecycleBench(Bench):
 # -- measuring -----------------------------------------------------------------------
 
 
+def _reconcile_interval(conf: Path) -> float | None:
+    """The stack's ``reconciler.interval`` (s), None if unreadable."""
+    import tomllib
+    try:
+        return float(tomllib.loads(conf.read_text()).get("reconciler", {}).get("interval", 60.0))
+    except (OSError, ValueError):
+        return None
+
+
 class Series:
     def __init__(self, mode: str, engine: str):
         self.mode, self.engine = mode, engine
         self.rounds: list[list[list[int]]] = []  # round -> cycles -> ns per step
+        self.cpu: dict[str, float] = {}  # component -> CPU ns over all counted cycles
 
     @property
     def cycles(self) -> list[list[int]]:
@@ -200,7 +228,11 @@ def measure(b: LifecycleBench, modes: list[str], rounds: int, cycles: int) -> tu
         for rnd in range(rounds):
             k = rnd % len(series)
             for s in series[k:] + series[:k]:
+                pids = b.pids[s.engine]
+                c0 = {comp: cpu_ns(p) for comp, p in pids.items()}
                 s.rounds.append([cycle(s) for _ in range(cycles)])
+                for comp, p in pids.items():
+                    s.cpu[comp] = s.cpu.get(comp, 0.0) + cpu_ns(p) - c0[comp]
             say(f"round {rnd + 1}/{rounds}: " + ", ".join(
                 f"{s.mode}/{s.engine} {statistics.median(sum(c) for c in s.rounds[-1]) / 1e6:.0f} ms" for s in series))
     finally:
@@ -258,6 +290,10 @@ def report(b: LifecycleBench, series: list[Series], hooks: dict[str, list[int]],
         f"run      {args.rounds} rounds x {args.cycles} cycles per series (create --cgroupns private --label tenant "
         "--pids-limit 100 --network none busybox true; start; wait; rm), series interleaved round-robin in "
         f"rotating order, one uncounted cycle each first; load average {load[0]:.2f} before, {load[1]:.2f} after",
+        "beside   both engines: the same dockerd flags (authz_plugin.devstack._engine.dockerd_argv) but "
+        "--authorization-plugin; beside fdcs's run what the product runs: its reconciler (full pass every "
+        f"{b.interval if b.interval is not None else '?'} s in this stack; 60 s by default), name scoper (idle "
+        "here), Redis, Keystone (idle: cached tokens)",
         "columns  cycle time (ms): median, p90; median of each step (ms); fdcs/none: ratio of the median cycles, "
         "rnd = median over rounds of the per-round ratio of medians",
         "",
@@ -287,6 +323,11 @@ def report(b: LifecycleBench, series: list[Series], hooks: dict[str, list[int]],
         what = ("the docker CLI (4 processes, each with its /_ping)" if mode == "cli"
                 else "raw API calls on one keep-alive connection")
         note = f"{what}; per-step median fdcs - no-plugin (ms): {delta}; rnd {rnd:.3f}"
+        cpu = {e: {c: v / max(1, len(by[mode, e].cycles)) / 1e6 for c, v in by[mode, e].cpu.items()} for e in ENGINES}
+        if cpu["fdcs"]:
+            note += ("; CPU per cycle fdcs - no-plugin (ms): "
+                     + ", ".join(f"{c} {cpu['fdcs'].get(c, 0) - cpu['no-plugin'].get(c, 0):+.1f}"
+                                 for c in COMPONENTS if c in cpu["fdcs"] or c in cpu["no-plugin"]))
         met = r <= TARGET
         if not met:
             hk = {k: statistics.median(v) / 1000 for k, v in hooks.items() if k.split()[1] in STEPS}
@@ -296,6 +337,14 @@ def report(b: LifecycleBench, series: list[Series], hooks: dict[str, list[int]],
                         metric="median cycle ms", value=round(med["fdcs"], 2),
                         refs={"no-plugin": round(med["no-plugin"], 2)}, ratio_of="no-plugin",
                         ratio=round(r, 3), target=f"<= {TARGET}", met=met, note=note))
+    lines.append("")
+    lines.append("CPU per cycle (ms, all counted cycles; a process's time while its engine's series ran): "
+                 + ", ".join(COMPONENTS))
+    for s in series:
+        n = len(s.cycles) or 1
+        lines.append(f"  {s.mode:<4} {s.engine:<9} "
+                     + "  ".join(f"{c} {s.cpu[c] / n / 1e6:5.1f}" if c in s.cpu else f"{c}   -  " for c in COMPONENTS)
+                     + f"  | total {sum(s.cpu.values()) / n / 1e6:5.1f}")
     lines.append("")
     if hooks:
         lines.append("plugin's own decision time per hook (audit log 'us', all counted cycles, both modes): "

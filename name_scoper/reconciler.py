@@ -20,10 +20,20 @@ process that parses tenants' traffic never holds.
   removed, conflicts, unowned.
 * It keeps ``fdcs:running:<host>`` (tenant -> running containers of this
   host) in Redis, replaced on every full pass and recomputed for one tenant
-  on its containers' create, start, die and destroy events, for the
+  after its containers' create, start, die and destroy events, for the
   plugin's per-tenant gauges; and serves its own metrics (the
   ``reconciler`` set of ``authz_plugin.metrics``, with this host's
   per-tenant container gauges) on ``reconciler.metrics_listen``.
+* Events never read the engine themselves where they can avoid it: they
+  only mark their tenant, and a second thread recounts each marked tenant
+  once per :data:`RECOUNT_PERIOD` (one filtered list for however many
+  events; these are gauges, not decisions).  A created or renamed
+  container's record is decided from the event's own attributes (the
+  engine copies the container's labels and its name into them) when it has
+  no tenant label; with one, whether its image carries the same label
+  decides, and the image is known only from the engine: the same list
+  confirms the record.  Until then the plugin's own record (written by its
+  response hook) stands, as it did until the event was read before.
 
 ``--once`` runs one full pass, prints its counts as JSON and exits (an
 operator's drift check; the tests use it).  ``--retire-host ID`` removes
@@ -41,12 +51,12 @@ import sys
 import threading
 import time
 
-from authz_plugin import metrics
+from authz_plugin import logfmt, metrics
 from authz_plugin.config import DEFAULT_PATH, load
 from authz_plugin.errors import ConfigError, FdcsError, StoreUnavailable
 from authz_plugin.identity import read_admin_key
 from authz_plugin.ownership import Store
-from authz_plugin.scoping import TENANT_LABEL
+from authz_plugin.scoping import TENANT_LABEL, looks_like_id
 from authz_plugin.quota import QuotaPolicy, QuotaStore, nano_cpus, wanted_charges
 
 from . import reconcile
@@ -57,6 +67,10 @@ log = logging.getLogger(__name__)
 #: container events that change a tenant's counts on the host
 _COUNTED = frozenset({"create", "start", "die", "destroy"})
 _EVENT_TYPES = frozenset({"container", "network", "volume", "image", "plugin", "daemon"})
+#: seconds between two recounts of a tenant: a cycle of create, start, wait
+#: and rm emits four counted events; recounting on each cost four listings
+#: (and eight plugin decisions) on the cores the cycle itself runs on
+RECOUNT_PERIOD = 1.0
 #: engine states in which ``docker ps`` (without -a) lists a container
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
 
@@ -75,6 +89,14 @@ def host_counts(containers: list[dict]) -> dict[str, tuple[int, int]]:
     return {t: (total, running) for t, (total, running) in out.items()}
 
 
+def primary_name(names: list[str] | None) -> str | None:
+    """A listed container's own name (without "/") among its ``Names``,
+    which also hold the names it has as a legacy link target
+    (``/<parent>/<alias>``), in no defined order."""
+    own = [n[1:] for n in names or () if n.startswith("/") and n.count("/") == 1]
+    return own[0] if len(own) == 1 else None
+
+
 def _admin_client(cfg):
     import docker
 
@@ -85,39 +107,43 @@ def _admin_client(cfg):
 
 
 class Reconciler:
-    def __init__(self, client, store: Store, quota: QuotaStore | None = None):
+    def __init__(self, client, store: Store, quota: QuotaStore | None = None,
+                 recount_period: float = RECOUNT_PERIOD):
         self.docker = client
         self.store = store
         self.quota = quota  # None: quotas off, no charges to correct
-        self.lock = threading.Lock()  # one writer at a time: events vs full passes
-        self._images: dict[str, dict] = {}  # image id -> labels, for the event-time recount
+        self.lock = threading.Lock()  # one writer at a time: events, recounts, full passes
+        self._images: dict[str, dict] = {}  # image id -> labels (an image's labels never change)
+        # tenant -> ids of its containers whose record the next flush confirms;
+        # a tenant present here (even with no id) is recounted by that flush
+        self._marked: dict[str, set[str]] = {}
+        self._wake = threading.Event()  # something is marked
+        self.recount_period = recount_period
 
     # -- reading the engine ---------------------------------------------------
 
-    def _container(self, cid: str, image_labels: dict) -> dict | None:
+    def _container(self, cid: str, image_labels: dict | None = None) -> dict | None:
+        """One container as :class:`reconcile.Snapshot` holds it; None if
+        gone.  Its image's labels come from the reconciler's cache (by image
+        id: they never change); ``image_labels`` is accepted for callers of
+        the former signature (``fdcs-manage``) and unused."""
         import docker.errors
         try:
             c = self.docker.api.inspect_container(cid)
         except docker.errors.NotFound:
             return None
-        image = c.get("Image") or ""
         hc = c.get("HostConfig") or {}
-        if image not in image_labels:
-            try:
-                image_labels[image] = (self.docker.api.inspect_image(image).get("Config") or {}).get("Labels") or {}
-            except docker.errors.NotFound:
-                image_labels[image] = {}
         return {"Id": c["Id"], "Name": (c.get("Name") or "").lstrip("/"),
-                "Labels": (c.get("Config") or {}).get("Labels") or {}, "ImageLabels": image_labels[image],
+                "Labels": (c.get("Config") or {}).get("Labels") or {},
+                "ImageLabels": self._image_labels(c.get("Image") or ""),
                 "ExecIDs": c.get("ExecIDs") or [], "Running": bool((c.get("State") or {}).get("Running")),
                 "Size": (1, hc.get("Memory") or 0, nano_cpus(hc), 0, 0),
                 "Volumes": [m["Name"] for m in c.get("Mounts") or [] if m.get("Type") == "volume" and m.get("Name")]}
 
     def snapshot(self) -> reconcile.Snapshot:
         snap = reconcile.Snapshot()
-        images: dict[str, dict] = {}
         for c in self.docker.api.containers(all=True, quiet=True):
-            found = self._container(c["Id"], images)
+            found = self._container(c["Id"])
             if found:
                 snap.containers.append(found)
         snap.networks = [{"Id": n["Id"], "Name": n["Name"], "Labels": n.get("Labels") or {}}
@@ -156,17 +182,26 @@ class Reconciler:
                 return {}
         return self._images[image]
 
-    def recount(self, tenant: str) -> tuple[int, int]:
+    def recount(self, tenant: str, confirm: frozenset[str] | set[str] = frozenset()) -> tuple[int, int]:
         """Count ``tenant``'s containers on the engine now, and publish the
-        running count (Redis) and both (metrics).  Caller holds the lock."""
+        running count (Redis) and both (metrics); record those of
+        ``confirm`` (ids of containers labelled for ``tenant``) that the
+        listing shows as the full pass would.  Caller holds the lock."""
         total = running = 0
         for c in self.docker.api.containers(all=True, filters={"label": f"{TENANT_LABEL}={tenant}"}):
+            name = primary_name(c.get("Names"))
             owner, _ = reconcile.container_owner({
                 "Labels": c.get("Labels") or {}, "ImageLabels": self._image_labels(c.get("ImageID") or ""),
-                "Name": ((c.get("Names") or ["/"])[0]).lstrip("/")})
+                "Name": name or ""})
+            if c.get("Id") in confirm:
+                if name is None:  # not listed under its own name (a rename under way): read it
+                    self._record_inspected(c["Id"])
+                else:
+                    self._record(c["Id"], name, owner)
             if owner == tenant:
                 total += 1
                 running += c.get("State") in _RUNNING_STATES
+        # an id of ``confirm`` not listed is gone: its destroy event removes its record
         self._store_running_tenant(tenant, running)
         m = metrics.active()
         if isinstance(m, metrics.ReconcilerMetrics):
@@ -225,38 +260,113 @@ class Reconciler:
         log.info("reconcile %s", json.dumps(counts, separators=(",", ":")))
         return counts
 
+    # -- container records ------------------------------------------------------------
+
+    def _record(self, cid: str, name: str, owner: str | None) -> None:
+        """Write one container's record: ``owner`` (by its labels), else
+        the tenant that adopted it, else its name is unowned."""
+        owner = owner or self.store.adopted()["container"].get(cid)
+        if owner:
+            self.store.add("container", cid, owner, name)
+        else:
+            self.store.add_unowned_name("container", name)
+            self.store.remove("container", cid)
+
+    def _record_inspected(self, cid: str) -> None:
+        c = self._container(cid)
+        if c:
+            self._record(c["Id"], c["Name"], reconcile.container_owner(c)[0])
+
+    def _container_named(self, cid: str, attrs: dict) -> None:
+        """A container was created or renamed.  ``attrs`` (the event's)
+        hold its labels and its name as the engine had them (moby
+        ``LogContainerEventWithAttributes``: the labels, then ``name``).
+        Without a tenant label no image can give it an owner: recorded now.
+        With one, its image's labels decide: the next flush confirms it --
+        unless its name looks like an id: were it unowned, its name must be
+        in the unowned set at once (the engine resolves that name before a
+        tenant's id prefix), so it is read now."""
+        name = attrs.get("name")
+        if name is None:  # not an engine of the 20.10 line: read the container
+            self._record_inspected(cid)
+            return
+        owner, _ = reconcile.container_owner({"Labels": attrs, "Name": name})
+        if owner is None:
+            self._record(cid, name, None)
+        elif looks_like_id(name):
+            self._record_inspected(cid)
+        else:
+            self._mark(owner, cid)
+
+    # -- coalesced recounts ------------------------------------------------------------
+
+    def _mark(self, tenant: str, cid: str | None = None) -> None:
+        """Have the next flush recount ``tenant`` (and confirm ``cid``'s
+        record).  Caller holds the lock."""
+        ids = self._marked.setdefault(tenant, set())
+        if cid:
+            ids.add(cid)
+        self._wake.set()
+
+    def _flush_locked(self) -> int:
+        marked, self._marked = self._marked, {}
+        for tenant, ids in marked.items():
+            try:
+                self.recount(tenant, ids)
+            except Exception as e:  # the engine or Redis: the next full pass repairs it
+                log.warning("cannot recount %s's containers (%s); the next full pass repairs it",
+                            tenant, e.__class__.__name__)
+        return len(marked)
+
+    def flush(self) -> int:
+        """Recount every marked tenant once (one listing each) and confirm
+        the marked containers' records; returns how many tenants."""
+        with self.lock:
+            return self._flush_locked()
+
+    def flush_loop(self, stop: threading.Event) -> None:
+        """Flush until ``stop``: once something is marked, wait
+        ``recount_period`` (the events of that time join the same flush),
+        then flush; so each tenant is listed at most once per period, and
+        never while nothing happens."""
+        while not stop.is_set():
+            if not self._wake.wait(timeout=1.0):
+                continue
+            stop.wait(self.recount_period)
+            self._wake.clear()  # before the flush: a mark made during it wakes the next one
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 -- keep flushing; the full pass repairs
+                log.exception("recount failed")
+
     # -- events ---------------------------------------------------------------------
 
     def on_event(self, ev: dict) -> None:
+        """Apply one engine event.  Container events do not read the engine
+        (unless a create or rename lacks its name attribute, or an exec's
+        container awaits its record): counts and labelled containers'
+        records are left to :meth:`flush`."""
         kind, action = ev.get("Type"), (ev.get("Action") or "").split(":")[0]
         actor = ev.get("Actor") or {}
         rid = actor.get("ID") or ""
         with self.lock:
-            if kind == "container" and action in _COUNTED:
-                tenant = (actor.get("Attributes") or {}).get(TENANT_LABEL)
-                if tenant:
-                    import docker.errors
-                    try:
-                        self.recount(tenant)
-                    except docker.errors.APIError as e:  # the next full pass repairs it
-                        log.warning("cannot recount %s's containers (%s)", tenant, e.__class__.__name__)
             if kind == "container":
+                attrs = actor.get("Attributes") or {}
+                if action in _COUNTED and attrs.get(TENANT_LABEL):
+                    self._mark(attrs[TENANT_LABEL])
                 if action == "destroy":
                     self.store.remove("container", rid)
                 elif action in ("create", "rename"):
-                    c = self._container(rid, {})
-                    if c:
-                        owner, _ = reconcile.container_owner(c)
-                        owner = owner or self.store.adopted()["container"].get(c["Id"])
-                        if owner:
-                            self.store.add("container", c["Id"], owner, c["Name"])
-                        else:
-                            self.store.add_unowned_name("container", c["Name"])
-                            self.store.remove("container", c["Id"])
+                    self._container_named(rid, attrs)
                 elif action == "exec_create":
+                    if any(rid in ids for ids in self._marked.values()):
+                        self._flush_locked()  # its container's record first
                     owner = self.store.owner("container", rid)
-                    eid = (actor.get("Attributes") or {}).get("execID")
-                    if owner and eid:
+                    eid = attrs.get("execID")
+                    # the container's labels overwrite the engine's attributes
+                    # (moby copyAttributes): a label "execID" names any id it
+                    # likes, so never re-own an exec another tenant holds
+                    if owner and eid and self.store.owner("exec", eid) in (None, owner):
                         self.store.add_exec(eid, owner, rid)
             elif kind == "network" and action in ("create", "destroy"):
                 if action == "destroy":
@@ -329,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fdcs-reconciler: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(stream=sys.stderr, level=getattr(logging, cfg["plugin.log_level"].upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    logfmt.configure(cfg["plugin.log_level"])
     metrics.single_process()
     m = metrics.activate("reconciler")
     store = Store.from_config(cfg)
@@ -354,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     threading.Thread(target=rec.follow, args=(stop,), daemon=True, name="events").start()
+    threading.Thread(target=rec.flush_loop, args=(stop,), daemon=True, name="recount").start()
     interval = cfg["reconciler.interval"]
     while not stop.is_set():
         try:

@@ -668,11 +668,13 @@ def test_reconciler_publishes_running_counts_and_drift(active):
     # events: C2 starts, then C1 and C2 die
     api.c[C2]["Running"] = True
     rec.on_event({"Type": "container", "Action": "start", "Actor": {"ID": C2, "Attributes": {TENANT_LABEL: TA}}})
+    rec.flush()  # events mark their tenant; one recount per tenant and period
     assert r.hget("fdcs:running:h1", TA) == "2"
     assert value(reg, "fdcs_host_tenant_containers_running", tenant=TA) == 2
     api.c[C1]["Running"] = api.c[C2]["Running"] = False
     for cid in (C1, C2):
         rec.on_event({"Type": "container", "Action": "die", "Actor": {"ID": cid, "Attributes": {TENANT_LABEL: TA}}})
+    rec.flush()
     assert r.hget("fdcs:running:h1", TA) is None and r.hget("fdcs:running:h1", TB) == "1"
     assert value(reg, "fdcs_host_tenant_containers_running", tenant=TA) == 0
     assert value(reg, "fdcs_host_tenant_containers", tenant=TA) == 2
@@ -680,6 +682,7 @@ def test_reconciler_publishes_running_counts_and_drift(active):
     for cid in (C1, C2):
         del api.c[cid]
         rec.on_event({"Type": "container", "Action": "destroy", "Actor": {"ID": cid, "Attributes": {TENANT_LABEL: TA}}})
+    rec.flush()
     assert value(reg, "fdcs_host_tenant_containers", tenant=TA) is None
     assert value(reg, "fdcs_host_tenant_containers", tenant=TB) == 1
 
