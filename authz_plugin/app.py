@@ -25,6 +25,8 @@ import logging
 import re
 import time
 
+import orjson
+
 from flask import Flask, Response, request
 
 from . import metrics
@@ -101,15 +103,18 @@ class Hooks:
             return _ALLOW  # what Authorizer.authz_response answers, without decoding the answer's body
         t0 = time.perf_counter()
         try:
-            data = json.loads(body or b"null")
-        except ValueError:
+            # orjson: the engine marshals the payload with Go's encoder (UTF-8,
+            # no NaN, the request body inside as base64), all of which it reads
+            # exactly; a few times json's speed, on every hook
+            data = orjson.loads(body or b"null")
+        except ValueError:  # orjson.JSONDecodeError
             data = None
         if not isinstance(data, dict):
             metrics.decision(hook, False, "bad-request", time.perf_counter() - t0)
-            return json.dumps({"Allow": False, "Msg": unreadable(hook, not body)}).encode()
+            return orjson.dumps({"Allow": False, "Msg": unreadable(hook, not body)})
         authz = self.authorizer()
         out = authz.authz_request(data) if hook == "request" else authz.authz_response(data)
-        return json.dumps(out).encode()
+        return orjson.dumps(out)
 
 
 _ACTIVATE = json.dumps({"Implements": ["authz"]}).encode()

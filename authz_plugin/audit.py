@@ -19,9 +19,10 @@ installed one (``audit_stream.py``; never blocks the decision).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Mapping
+
+import orjson
 
 from . import audit_stream, logfmt, metrics
 
@@ -51,7 +52,7 @@ def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str
     }
     if not result.get("Allow"):
         line["msg"] = result.get("Msg", "")
-    text = json.dumps(line, separators=(",", ":"))
+    text = orjson.dumps(line).decode()
     audit_stream.submit(text)
     if logged:
         lines.write(text)

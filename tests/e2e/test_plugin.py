@@ -380,7 +380,9 @@ def test_expired_token_is_refused_with_the_login_hint(stack, ta):
     t, info = token({"identity": {"methods": ["password"], "password": {"user": {
         "name": "alice", "domain": {"id": "default"}, "password": pw}}},
         "scope": {"project": {"id": ta}}})
-    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=6)
+    # long enough for the first request to be made and validated on a
+    # loaded machine (6 s was not, under a load of 16)
+    expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=15)
     r = requests.post(f"{url}/users/{info['user']['id']}/application_credentials", headers={"X-Auth-Token": t},
                       json={"application_credential": {"name": uniq("short"),
                                                        "expires_at": expires.strftime("%Y-%m-%dT%H:%M:%S")}},
@@ -396,5 +398,5 @@ def test_expired_token_is_refused_with_the_login_hint(stack, ta):
     def refused():
         status, out = raw.request("GET", "/v1.41/info", headers=headers)
         return status == 403 and b"fdcs-login" in out and out
-    out = wait_for(refused, timeout=30, interval=0.5, what="the token to expire")
+    out = wait_for(refused, timeout=45, interval=0.5, what="the token to expire")
     assert b"expired" in out or b"invalid" in out

@@ -167,7 +167,7 @@ class Http:
                         if not any(k.lower() == "content-length" for k, _ in headers):
                             conn.putheader("Content-Length", str(len(data)))
                     conn.endheaders(data or None)
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
                 pass  # answered (and closed) before the whole body was read
             r = conn.getresponse()
             return Resp(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
