@@ -161,6 +161,9 @@ _TOKEN_RE = re.compile(_TOKEN)
 _VALUE_RE = re.compile(rb"(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?")
 _REASON_RE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 
+#: the longest chunked-trailer line (trailers are validated and dropped)
+MAX_TRAILER_LINE = 8 * 1024
+
 MSG_FOLDING = "obsolete line folding in request headers is not accepted"
 MSG_TWO_LENGTHS = "more than one Content-Length is not accepted"
 MSG_CL_AND_TE = "Content-Length together with Transfer-Encoding is not accepted"
@@ -250,6 +253,8 @@ class Connection:
         self._in_trailer = False
         #: the chunked body's end was read; EndOfMessage is next
         self._in_end = False
+        #: how much of the buffer is known to hold no head's end
+        self._scanned = 0
         # body writing
         self._out_mode = None
         self._out_left = 0
@@ -291,8 +296,12 @@ class Connection:
 
     def _read_head(self):
         buf = self._buf
-        m = _HEAD_END.search(buf)
+        # Search only what came since the last look (less the 2 bytes a
+        # head's end may already have begun with): a client trickling a
+        # 64 KiB head a byte at a time must not cost 64 K scans of it.
+        m = _HEAD_END.search(buf, self._scanned)
         if m is None:
+            self._scanned = max(0, len(buf) - 2)
             if len(buf) > self._max_head:
                 raise RemoteProtocolError("request head too large" if self.our_role is SERVER
                                           else "response head too large", 431, plain=True)
@@ -307,6 +316,7 @@ class Connection:
             raise RemoteProtocolError("head too large", 431, plain=True)
         lines = bytes(buf[:m.start()]).split(b"\n")
         del buf[:end]
+        self._scanned = 0
         lines = [ln[:-1] if ln[-1:] == b"\r" else ln for ln in lines]
         if self.our_role is SERVER:
             return self._request(lines)
@@ -397,8 +407,8 @@ class Connection:
                 # trailer fields (validated, then dropped) up to an empty line
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
-                    if len(buf) - pos > self._max_head:
-                        raise RemoteProtocolError("chunked trailer too large", 431)
+                    if len(buf) - pos > MAX_TRAILER_LINE:  # also bounds the rescans of a trickled line
+                        raise RemoteProtocolError("chunked trailer line too long", 431)
                     break
                 line = bytes(buf[pos:nl])
                 line = line[:-1] if line[-1:] == b"\r" else line

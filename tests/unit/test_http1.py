@@ -109,6 +109,20 @@ def test_the_refused_heads_controls_are_served():
         assert type(evs[0]) is http1.Request and type(evs[-1]) is http1.EndOfMessage
 
 
+def test_a_head_trickled_byte_by_byte_reads_as_a_whole_one():
+    """The end of a head is found whichever byte completes it (the search
+    resumes where the last one stopped, less what could begin the end)."""
+    for data in (GET, GET.replace(b"\r\n", b"\n"), b"GET / HTTP/1.1\r\nHost: d\r\nX: " + b"a" * 3000 + b"\r\n\r\n"):
+        c = server()
+        evs = []
+        for i in range(len(data)):
+            evs += events(c, data[i:i + 1])
+            if i < len(data) - 1:
+                assert not evs, i
+        assert type(evs[0]) is http1.Request and type(evs[-1]) is http1.EndOfMessage
+        assert list(evs[0].headers) == list(events(server(), data)[0].headers)
+
+
 def test_a_head_over_the_limit_is_431():
     c = http1.Connection(http1.SERVER, max_incomplete_event_size=1024)
     with pytest.raises(http1.RemoteProtocolError) as e:
