@@ -28,11 +28,10 @@ record of authority.
 
 from __future__ import annotations
 
-import collections
 import logging
-import os
-import threading
 import time
+
+from .lingering import Lingering
 
 log = logging.getLogger(__name__)
 
@@ -45,46 +44,25 @@ LINGER = 0.2
 WARN_EVERY = 60.0
 
 
-class Writer:
-    """The queue and its thread for one Redis client (see module doc)."""
+class Writer(Lingering):
+    """The queue and its thread for one Redis client (see module doc; the
+    queue, the thread and fork: :class:`~authz_plugin.lingering.Lingering`)."""
+
+    thread_name = "audit-stream"
+    batch_max = BATCH
 
     def __init__(self, client, maxlen: int, queue_size: int = QUEUE_SIZE, linger: float = LINGER):
+        super().__init__(linger, maxsize=queue_size)
         self.client = client
         self.maxlen = maxlen
-        self.linger = linger
-        # a deque and an event rather than queue.Queue: submit() is on every
-        # decision's path, and a Queue put takes a lock and wakes the writer
-        self.q: collections.deque[str] = collections.deque()
-        self.queue_size = queue_size
-        self._ready = threading.Event()
         self.written = 0
         self.dropped = 0
-        self._pid = -1
-        self._lock = threading.Lock()
         self._last_warning = 0.0
-        self._pending_warning = ""
 
     def submit(self, line: str) -> None:
         """Queue one line; never blocks, never raises."""
-        if self._pid != os.getpid():
-            self._start()
-        if len(self.q) >= self.queue_size:
+        if not self.put(line):
             self._drop(1, "the audit stream queue is full (Redis slow or down)")
-            return
-        self.q.append(line)  # atomic
-        if not self._ready.is_set():
-            self._ready.set()
-
-    def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            # a fresh queue: a parent's lines are the parent's, and a queue
-            # whose lock a parent thread held at the fork would never open
-            self.q = collections.deque()
-            self._ready = threading.Event()
-            threading.Thread(target=self._run, name="audit-stream", daemon=True).start()
-            self._pid = os.getpid()
 
     def _drop(self, n: int, why: str) -> None:
         with self._lock:
@@ -96,27 +74,15 @@ class Writer:
             total = self.dropped
         log.warning("audit stream: %s; %d line(s) dropped so far (the log keeps every line)", why, total)
 
-    def _take(self) -> list[str]:
-        """Wait for a line, then up to ``linger`` seconds for more (without
-        waking per line), and take at most :data:`BATCH`."""
-        batch: list[str] = []
-        while not batch:  # another taker (a test's) may have emptied the deque meanwhile
-            while not self.q:
-                self._ready.wait()
-                self._ready.clear()
-            if self.linger > 0:
-                time.sleep(self.linger)
-            try:
-                while len(batch) < BATCH:
-                    batch.append(self.q.popleft())
-            except IndexError:
-                pass
-        return batch
-
     def flush_once(self) -> int:
         """Write one batch (blocks until a line is queued); returns the
         number written.  The thread's loop body, callable from tests."""
-        batch = self._take()
+        batch = self.take()
+        return self.process(batch) if batch else 0  # []: stopping
+
+    def process(self, batch: list[str]) -> int:
+        """Append ``batch`` in one pipelined round trip; the number written
+        (0: dropped and counted, Redis refused)."""
         try:
             pipe = self.client.pipeline(transaction=False)
             for line in batch:
@@ -128,10 +94,6 @@ class Writer:
         with self._lock:
             self.written += len(batch)
         return len(batch)
-
-    def _run(self) -> None:
-        while True:
-            self.flush_once()
 
 
 _writer: Writer | None = None

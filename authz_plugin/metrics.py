@@ -62,9 +62,7 @@ cheap in-memory add and is applied at once.
 
 from __future__ import annotations
 
-import atexit
 import bisect
-import collections
 import glob
 import logging
 import os
@@ -78,6 +76,8 @@ import threading
 import time
 from collections import Counter as _Tally
 from typing import Any, Callable, Iterable, Mapping
+
+from .lingering import Lingering
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,10 @@ class ScoperMetrics(_Common):
                                 registry=registry)
         self.sent = Counter("fdcs_scoper_sent_bytes", "Response body bytes sent to clients",
                             registry=registry)
+        #: label values -> child: ``labels()`` takes a lock and builds a key; the
+        #: sets are small and bounded (method and status classes, ENDPOINT_KINDS)
+        self.request_children: dict[tuple[str, str, str], Any] = {}
+        self.duration_children: dict[str, Any] = {}
 
 
 class ReconcilerMetrics(_Common):
@@ -435,7 +439,7 @@ def identity_event(what: str) -> None:
             m.identity.labels(event).inc()
 
 
-class _Buffer:
+class _Buffer(Lingering):
     """The plugin's decisions and identity events of one process, queued by
     the request threads and applied, summed, by a daemon thread at most
     ``linger`` seconds after the first pending one (and at exit).
@@ -443,64 +447,25 @@ class _Buffer:
     :meth:`add` never blocks and costs a deque append (plus, for the first
     step after a flush, setting an event).  The thread is started by the
     first :meth:`add` in each process (a forked child drops what its parent
-    had queued: the parent applies it)."""
+    had queued: the parent applies it).  The queue, the thread, fork and
+    exit: :class:`~authz_plugin.lingering.Lingering`."""
+
+    thread_name = "fdcs-metrics-flush"
+    flush_at_exit = True
 
     def __init__(self, m: PluginMetrics, linger: float = FLUSH_LINGER):
+        super().__init__(linger)  # q: (key, seconds) or an identity event
         self.m = m
-        self.linger = linger
-        self.q: collections.deque = collections.deque()  # (key, seconds) or an identity event
-        self._ready = threading.Event()
-        self._lock = threading.Lock()  # one flush at a time; the thread's start
-        self._pid = -1
         self.flushes = 0
 
-    def add(self, item) -> None:
-        if self._pid != os.getpid():
-            self._start()
-        self.q.append(item)  # atomic
-        if not self._ready.is_set():
-            self._ready.set()
+    add = Lingering.put  # the request path: no extra call
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="fdcs-metrics-flush", daemon=True).start()
-            atexit.register(self._at_exit, self._pid)
-
-    def after_fork_in_child(self) -> None:
-        """A forked child: fresh locks (the parent's may have been held),
-        nothing of the parent's queued, no thread yet."""
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self.q.clear()
-        self._pid = -1
-
-    def _run(self) -> None:
-        while True:
-            self._ready.wait()
-            time.sleep(self.linger)  # let a burst accumulate: one summed step per label set
-            # steps queued from here on set the event again (none is lost:
-            # one queued before the clear is in the deque for this flush)
-            self._ready.clear()
-            self.flush()
-
-    def _at_exit(self, pid: int) -> None:
-        if pid == os.getpid():
-            self.flush()
-
-    def flush(self) -> None:
-        """Apply everything queued so far; never raises."""
+    def process(self, batch: list) -> None:
+        """Apply ``batch``, summed per label set, one flush at a time; never raises."""
         with self._lock:
             decisions: dict[tuple[bool, bool, str], list[float]] = {}
             events: _Tally[str] = _Tally()
-            q = self.q
-            while True:
-                try:
-                    item = q.popleft()
-                except IndexError:
-                    break
+            for item in batch:
                 if isinstance(item, str):
                     events[item] += 1
                 else:
@@ -513,15 +478,6 @@ class _Buffer:
             except Exception:  # a metrics fault must not stop the thread
                 log.debug("applying buffered metrics failed", exc_info=True)
             self.flushes += 1
-
-
-def _after_fork_in_child() -> None:
-    m = _active
-    if m is not None and m.buffer is not None:
-        m.buffer.after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @_guarded
@@ -537,9 +493,16 @@ def scoper_request(method: str, path: str, status: int, head_seconds: float | No
     m = active()
     if isinstance(m, ScoperMetrics):
         endpoint = endpoint_kind(path)
-        m.requests.labels(method_class(method), endpoint, status_class(status)).inc()
+        key = (method_class(method), endpoint, status_class(status))
+        child = m.request_children.get(key)
+        if child is None:
+            child = m.request_children[key] = m.requests.labels(*key)
+        child.inc()
         if head_seconds is not None:
-            m.duration.labels(endpoint).observe(max(0.0, head_seconds))
+            hist = m.duration_children.get(endpoint)
+            if hist is None:
+                hist = m.duration_children[endpoint] = m.duration.labels(endpoint)
+            hist.observe(max(0.0, head_seconds))
         if received > 0:
             m.received.inc(received)
         if sent > 0:

@@ -53,17 +53,17 @@ _RECV = 65536
 
 
 def _bulk(a: Any) -> bytes:
-    t = type(a)
-    if t is str:
+    """One bulk string: ``str`` (and subclasses) as UTF-8, ``bytes`` as they
+    are, ``int``/``float`` their ``repr`` (as redis-py sends them); a bool
+    or anything else: TypeError."""
+    if isinstance(a, str):
         b = a.encode()
-    elif t is bytes:
+    elif isinstance(a, bytes):
         b = a
-    elif t is int or t is float:
+    elif isinstance(a, (int, float)) and not isinstance(a, bool):
         b = repr(a).encode()
-    elif isinstance(a, (str, bytes, int, float)) and not isinstance(a, bool):
-        b = a.encode() if isinstance(a, str) else bytes(a) if isinstance(a, bytes) else repr(a).encode()
     else:
-        raise TypeError(f"cannot send a {t.__name__} to Redis")
+        raise TypeError(f"cannot send a {type(a).__name__} to Redis")
     return b"$%d\r\n%b\r\n" % (len(b), b)
 
 

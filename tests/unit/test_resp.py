@@ -116,6 +116,24 @@ def test_pack_is_resp2_bulk_strings():
         resp.pack(["SET", True])
 
 
+
+def test_pack_sends_subclasses_as_their_base_type():
+    class S(str):
+        pass
+
+    class B(bytes):
+        pass
+
+    class N(int):
+        pass
+
+    class F(float):
+        pass
+    assert resp.pack([S("ab"), B(b"\xff"), N(7), F(1.5)]) == resp.pack(["ab", b"\xff", 7, 1.5])
+    for bad in (bytearray(b"x"), memoryview(b"x"), False, [1], {"a": 1}):
+        with pytest.raises(TypeError, match="cannot send a"):
+            resp.pack(["SET", bad])
+
 def test_script_sha_is_redis_sha():
     import hashlib
     s = resp.Script("return 1")
