@@ -216,8 +216,12 @@ class ThreePaths:
         self.say(f"haproxy {self.haproxy_version}: pid {self.haproxy_pid} on 127.0.0.1:{self.haproxy_port}")
 
     def _haproxy_ready(self) -> bool:
+        return self.answers_ping(tls_connector("127.0.0.1", self.haproxy_port, self.ctx))
+
+    def answers_ping(self, connect) -> bool:
+        """Whether a ``/_ping`` through ``connect`` is answered (a proxy is up)."""
         try:
-            c = Client(tls_connector("127.0.0.1", self.haproxy_port, self.ctx), 1, self.headers)
+            c = Client(connect, 1, self.headers)
         except OSError:
             return False
         try:

@@ -8,10 +8,13 @@ and container list latency and throughput.
                                          [--json FILE] [--quick]
 
 One local stack (``fdcs-devstack``, one host) and HAProxy beside it
-(``_haproxy.py``): three paths to the SAME engine, which runs the FDCS plugin
-on every one of them -- ``scoper`` (TLS, the names a tenant writes),
-``haproxy`` (TLS, HTTP mode, the engine-side names) and ``direct`` (the
-engine's unix socket).  All three carry alice's ``HttpHeaders``.  The tenant
+(``_haproxy.py``) and ``py_relay.py`` beside that: four paths to the SAME
+engine, which runs the FDCS plugin on every one of them -- ``scoper`` (TLS,
+the names a tenant writes), ``haproxy`` (TLS, HTTP mode, the engine-side
+names), ``py-relay`` (TLS, uvloop, bytes relayed to one engine connection per
+client connection: the cheapest front door Python can be, a floor for any
+Python proxy; the engine-side names) and ``direct`` (the engine's unix
+socket).  All four carry alice's ``HttpHeaders``.  The tenant
 gets ``--list-containers`` running containers (``bench``, ``bench-2``, ...,
 ``busybox sleep 3600``, made through the scoper as alice).
 
@@ -23,22 +26,23 @@ warm-up:
 * ``inspect`` -- ``GET /v1.41/containers/<ref>/json``;
 * ``list`` -- ``GET /v1.41/containers/json``: through the scoper as a tenant
   writes it (the scoper adds the tenant label filter, then checks each entry
-  against Redis); on ``haproxy`` and ``direct`` the same request with the
-  filter the scoper adds, ``filters={"label":["org.fiware.fdcs.tenant=<id>"]}``,
-  so that the engine does the same work on every path.  The three answers
-  are checked to list the same containers.
+  against Redis); on ``haproxy``, ``py-relay`` and ``direct`` the same
+  request with the filter the scoper adds, ``filters={"label":["org.fiware.fdcs.tenant=<id>"]}``,
+  so that the engine does the same work on every path.  The answers are
+  checked to list the same containers.
 
 It prints p50, p99, mean, req/s, CPU per request of the proxy, dockerd and
 the plugin, and the ratios scoper/haproxy and scoper/direct (pooled, and
-``rnd``: the median of the per-round p50 ratios); then whether the target is
-met: scoper/haproxy p50 <= 1.3.  When it is missed, the scoper is sampled with
+``rnd``: the median of the per-round p50 ratios), the floor's ratios
+py-relay/haproxy and scoper/py-relay; then whether the target is met:
+scoper/haproxy p50 <= 1.3.  When it is missed, the scoper is sampled with
 ``py-spy record --gil`` for ``--profile`` seconds during that call's loop and
 the heaviest phases, functions and modules are listed in microseconds per
 request.  ``docker cp`` and the other streams are in ``streams.py``, the
 memory in ``memory.py``.
 
 Everything started is stopped in a ``finally`` (also on Ctrl-C or SIGTERM):
-HAProxy (by pid), the containers, the temporary files, the stack
+HAProxy and py-relay (by pid), the containers, the temporary files, the stack
 (``fdcs-devstack down``).  ``--keep-stack DIR`` uses (or brings up) the stack
 in DIR and leaves it running, without the benchmark's containers.  Root only.
 """
@@ -56,14 +60,19 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from authz_plugin.devstack._procs import unix_http
+from authz_plugin.devstack._procs import free_ports, live_pid, terminate, unix_http, wait_until
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmark code beside this file
 from _common import (Client, Reader, Row, cpu_ns, machine, pct, progress, ratio, round_ratio,  # noqa: E402
-                     run_bench, spy_function, spy_path, spy_record, spy_stacks, spy_tally, write_rows)
-from _haproxy import PATHS, ThreePaths  # noqa: E402
+                     run_bench, spy_function, spy_path, spy_record, spy_stacks, spy_tally, tls_connector,
+                     write_rows)
+from _haproxy import ThreePaths  # noqa: E402
+
+#: the paths, in the table's order; py-relay is the Python floor (py_relay.py)
+PATHS = ("scoper", "haproxy", "py-relay", "direct")
+RELAY = "py-relay"
 
 TARGET_P50 = 1.3  # scoper/haproxy, at most
 CONTAINER = "bench"
@@ -79,11 +88,49 @@ def urls(b: ThreePaths, call: str) -> dict[str, str]:
         return {p: f"/v1.41/containers/{b.ref(p, CONTAINER)}/json" for p in PATHS}
     flt = urllib.parse.quote(json.dumps({"label": [f"{TENANT_LABEL}={b.tenant}"]}, separators=(",", ":")))
     return {"scoper": "/v1.41/containers/json", "haproxy": f"/v1.41/containers/json?filters={flt}",
-            "direct": f"/v1.41/containers/json?filters={flt}"}
+            RELAY: f"/v1.41/containers/json?filters={flt}", "direct": f"/v1.41/containers/json?filters={flt}"}
+
+
+class FourPaths(ThreePaths):
+    """:class:`ThreePaths` plus ``py-relay``: ``py_relay.py`` as its own
+    process (started here, ended by pid in :meth:`cleanup`), TLS with the
+    scoper's certificate and key (the stack's ``tls/server-*.pem``, which
+    HAProxy serves too; the scoper asks no client certificate in the stack,
+    nor does HAProxy, so neither does the relay), to the same engine socket."""
+
+    def start(self) -> None:
+        self.relay_pid: int | None = None
+        self.relay_pidfile = self.tmp / "run" / "py-relay.pid"
+        super().start()
+        tls = Path(self.stack.dir) / "tls"
+        self.relay_port = free_ports(1)[0]
+        argv = [sys.executable, str(HERE / "py_relay.py"), "--listen", f"127.0.0.1:{self.relay_port}",
+                "--cert", str(tls / "server-cert.pem"), "--key", str(tls / "server-key.pem"),
+                "--engine", self.engine_socket, "--parent", str(os.getpid())]
+        self.relay_pid = self.cmds.spawn(RELAY, argv, self.relay_pidfile)
+        connect = tls_connector("127.0.0.1", self.relay_port, self.ctx)
+        wait_until(lambda: self.answers_ping(connect), component=RELAY, log=self.cmds.log_path(RELAY), timeout=20,
+                   pid=self.relay_pid)
+        self.connect[RELAY] = connect
+        self.proxy_pids[RELAY] = [self.relay_pid]
+        self.say(f"py-relay: pid {self.relay_pid} on 127.0.0.1:{self.relay_port}")
+
+    def cleanup(self) -> list[str]:
+        problems = []
+        # before ThreePaths.cleanup, which removes the pid file with self.tmp;
+        # signalled only while the pid file's process is alive and ours
+        pidfile = getattr(self, "relay_pidfile", None)
+        pid = live_pid(pidfile) if pidfile is not None else None
+        if pid is not None:
+            try:
+                terminate(pid, group=False)
+            except BaseException as e:  # noqa: BLE001 -- keep cleaning up
+                problems.append(f"stop py-relay (pid {pid}): {e}")
+        return problems + super().cleanup()
 
 
 def check_lists(b: ThreePaths) -> int:
-    """The three paths list the same containers (by id); their number."""
+    """The paths list the same containers (by id); their number."""
     u = urls(b, "list")
     seen = {}
     for p in PATHS:
@@ -99,7 +146,7 @@ def check_lists(b: ThreePaths) -> int:
         if status[9:12] != b"200":
             raise RuntimeError(f"list through {p}: {status.decode()} {body[:300]!r}")
         seen[p] = sorted(c["Id"] for c in json.loads(body))
-    if not (seen["scoper"] == seen["haproxy"] == seen["direct"]):
+    if any(seen[p] != seen["scoper"] for p in PATHS):
         raise RuntimeError(f"the paths list different containers: { {p: len(v) for p, v in seen.items()} }")
     return len(seen["scoper"])
 
@@ -179,23 +226,28 @@ def report(b: ThreePaths, results: list[list[Series]], n_listed: int, args, load
     lines = machine() + [
         f"command  {shlex.join(['python3', *sys.argv])}",
         f"engine   dockerd {dockerd} (Debian docker.io) in its own netns, --authorization-plugin fdcs-authz (the "
-        "stack's); all three paths reach this one engine and pay its plugin alike",
+        "stack's); all four paths reach this one engine and pay its plugin alike",
         f"paths    scoper: fdcs-name-scoper pid {b.scoper_pid} ({b.scoper_host}, TLS; ref '{CONTAINER}'); "
         f"haproxy: HAProxy {b.haproxy_version} pid {b.haproxy_pid} (127.0.0.1:{b.haproxy_port}, mode http, TLS "
         "termination, option http-server-close = new engine connection per request, keep-alive to the client, "
         f"nbthread default = {len(os.sched_getaffinity(0))}, httplog to a file; ref '{b.ref('haproxy', CONTAINER)}'); "
+        f"py-relay: benchmarks/py_relay.py pid {b.relay_pid} (127.0.0.1:{b.relay_port}, uvloop native TLS, the "
+        "scoper's certificate, bytes relayed by asyncio Protocols to one engine connection per client connection, "
+        f"no parsing: the Python floor; ref '{b.ref(RELAY, CONTAINER)}'); "
         f"direct: unix://{b.engine_socket}, plain, keep-alive (ref '{b.ref('direct', CONTAINER)}')",
         f"calls    inspect: GET /v1.41/containers/<ref>/json; list: GET {lu['scoper']} through the scoper (it adds "
-        f"the tenant label filter and checks each entry in Redis), GET {lu['haproxy']} on haproxy and direct (the "
-        f"same filter, so the engine does the same work); the tenant has {args.list_containers} running containers "
-        f"of ours, the lists hold {n_listed} (checked equal on the three paths)",
+        f"the tenant label filter and checks each entry in Redis), GET {lu['haproxy']} on haproxy, py-relay and "
+        f"direct (the same filter, so the engine does the same work); the tenant has {args.list_containers} running "
+        f"containers of ours, the lists hold {n_listed} (checked equal on the four paths)",
         f"load     alice's HttpHeaders over keep-alive connections (TLS: Python ssl, verified, client pair; direct: "
         f"plain unix), {args.rounds} rounds x {args.requests} requests per series, warm-up {args.warmup} per series "
         f"not counted, series interleaved round-robin, each on fresh connections (2 uncounted requests each "
         f"first); load average {load[0]:.2f} before, {load[1]:.2f} after",
-        "columns  latency per request (us) and throughput; CPU per request (us) of the proxy (scoper or HAProxy), "
-        "dockerd and the plugin (gunicorn master + workers + Redis); ratios of scoper to haproxy and to direct at "
-        "p50 and p99 pooled over all rounds, rnd = median over rounds of the per-round p50 ratio",
+        "columns  latency per request (us) and throughput; CPU per request (us) of the proxy (scoper, HAProxy or "
+        "py-relay), dockerd and the plugin (gunicorn master + workers + Redis); ratios of scoper to haproxy and to "
+        "direct at p50 and p99 pooled over all rounds, rnd = median over rounds of the per-round p50 ratio; under "
+        "each case the floor: py-relay/haproxy (what Python itself costs over HAProxy) and scoper/py-relay (what "
+        "the scoper's own work costs over the floor)",
         "",
     ]
     head = (f"{'call':<7} {'conc':>4} {'path':<8} {'n':>6} {'p50':>7} {'p99':>7} {'mean':>7} {'req/s':>6} "
@@ -220,17 +272,21 @@ def report(b: ThreePaths, results: list[list[Series]], n_listed: int, args, load
                     cols.append(f"{ratio(x['p50'], o['p50']):>{w}} {ratio(x['p99'], o['p99']):>5} {rnd:>5.2f}")
                 line += f" | {cols[0]} | {cols[1]}"
             lines.append(line)
-        lines.append("")
+        s, h, f = st["scoper"], st["haproxy"], st[RELAY]
+        fh_rnd = round_ratio(by[RELAY].rounds, by["haproxy"].rounds)
+        sf_rnd = round_ratio(by["scoper"].rounds, by[RELAY].rounds)
+        floor = (f"py-relay/haproxy p50 {ratio(f['p50'], h['p50'])} (rnd {fh_rnd:.2f}); scoper/py-relay p50 "
+                 f"{ratio(s['p50'], f['p50'])} (rnd {sf_rnd:.2f}); proxy CPU per request: scoper {s['xcpu']:.0f} us, "
+                 f"py-relay {f['xcpu']:.0f} us, HAProxy {h['xcpu']:.0f} us")
+        lines += [f"  floor: {floor}", ""]
         case = f"{call}, c={conc}"
-        s, h = st["scoper"], st["haproxy"]
-        refs = {k: {p: round(st[p][k], 1) for p in ("haproxy", "direct")} for k in ("p50", "p99", "tput")}
+        refs = {k: {p: round(st[p][k], 1) for p in ("haproxy", RELAY, "direct")} for k in ("p50", "p99", "tput")}
         r50 = s["p50"] / h["p50"]
         rnd = round_ratio(by["scoper"].rounds, by["haproxy"].rounds)
         rows += [
             Row("scoper", case, "p50 us", round(s["p50"], 1), refs["p50"], "haproxy", round(r50, 3),
                 f"<= {TARGET_P50}", r50 <= TARGET_P50,
-                f"median of per-round ratios {rnd:.2f}; scoper CPU {s['xcpu']:.0f} us/req, HAProxy "
-                f"{h['xcpu']:.0f}"),
+                f"median of per-round ratios {rnd:.2f}; {floor}"),
             Row("scoper", case, "p99 us", round(s["p99"], 1), refs["p99"], "haproxy", round(s["p99"] / h["p99"], 3)),
             Row("scoper", case, "req/s", round(s["tput"], 1), refs["tput"], "haproxy",
                 round(s["tput"] / h["tput"], 3)),
@@ -396,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         ap.error("must run as root (the stack starts dockerd in a network namespace)")
 
-    b = ThreePaths(args.keep_stack, "fdcsb-scoper", say)
+    b = FourPaths(args.keep_stack, "fdcsb-scoper", say)
 
     def work() -> None:
         b.start()
