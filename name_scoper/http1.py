@@ -3,9 +3,10 @@
 The proxy used ``h11``; this module keeps h11's interface (the part the
 proxy uses: the same event, state and error names, ``Connection`` with
 ``receive_data`` / ``next_event`` / ``send`` / ``start_next_cycle``) and its
-rules, but parses a head with a handful of compiled regular expressions
-rather than an event machinery: a third of the proxy's CPU per request was
-h11's (``benchmarks/scoper_inspect.py``).
+rules, but checks and splits a head with bytes methods (C loops over the
+whole head) and a few compiled regular expressions rather than an event
+machinery: a third of the proxy's CPU per request was h11's
+(``benchmarks/scoper_inspect.py``).
 
 Stricter than h11 where h11 was lenient and the proxy had to refuse on its
 own (request smuggling), so every refusal is in one place:
@@ -150,7 +151,17 @@ _EOM = EndOfMessage()
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _VCHAR = rb"[\x21-\x7e\x80-\xff]"
-_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*")
+_VALUE = _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*"
+_HEADER = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE + rb")?[ \t]*")
+# Character tables for checks at C speed: ``s.translate(None, TABLE)`` is
+# empty if and only if every byte of ``s`` is in TABLE.
+#: the bytes a token may hold
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: the bytes a field value may hold: visible characters, obs-text, space, tab
+#: (a string of them, less leading and trailing spaces and tabs, is a value)
+_VALUE_CHARS = b"\t" + bytes(range(0x20, 0x7f)) + bytes(range(0x80, 0x100))
+#: the same and LF (header lines with their ends, CRLFs made LFs)
+_LINES_CHARS = _VALUE_CHARS + b"\n"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([^\x00\s]+) HTTP/(1\.[01])")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _HEAD_END = re.compile(rb"\n\r?\n")
@@ -169,47 +180,76 @@ MSG_TWO_LENGTHS = "more than one Content-Length is not accepted"
 MSG_CL_AND_TE = "Content-Length together with Transfer-Encoding is not accepted"
 
 
-def _parse_head(lines: list[bytes], first_re, what: str):
-    """(first-line match, Headers, content-length or None, chunked) of a
-    head's lines (line ends already removed); RemoteProtocolError when any
-    part is out of grammar."""
-    m = first_re.fullmatch(lines[0])
+def _parse_head(head: bytes, first_re, what: str):
+    """(first-line match, Headers, their lower-case names, content-length or
+    None, chunked) of ``head``: a message head up to and with its last
+    line's end (the empty line that ends it left out).
+
+    RemoteProtocolError when any part is out of grammar, the first bad part
+    named as :func:`_refuse_header_lines` names it.
+
+    The header lines are checked as a whole with bytes methods (C loops
+    rather than a regular expression per line); a block that fails is gone
+    through line by line (``_HEADER``, the grammar) only for the message.
+    Why this is ``_HEADER`` on every line: with each line's CR before its LF
+    gone (``replace``), a CR left anywhere fails the table check, as does a
+    NUL, DEL or other control character; a line is then ``name:rest`` with
+    ``name`` all token characters, not empty (``_HEADER``'s greedy token ends
+    at the first colon), and ``rest`` of value characters only, which
+    ``[ \t]*(value)?[ \t]*`` always matches, with ``rest.strip(b" \t")`` as
+    the value.  A folded line starts with a space: not a token."""
+    nl = head.find(b"\n")
+    first = head[:nl]
+    if first[-1:] == b"\r":
+        first = first[:-1]
+    m = first_re.fullmatch(first)
     if m is None:
         raise RemoteProtocolError(f"illegal {what} line")
-    pairs = []
+    block = head[nl + 1:].replace(b"\r\n", b"\n")
+    if block.translate(None, _LINES_CHARS):
+        _refuse_header_lines(head[nl + 1:])
     raw = []
-    lengths = []
-    te = None
-    header = _HEADER.fullmatch
-    for line in lines[1:]:
-        h = header(line)
-        if h is None:
-            if line[:1] in (b" ", b"\t"):
-                raise RemoteProtocolError(MSG_FOLDING, plain=True)
-            raise RemoteProtocolError("illegal header line")
-        name, value = h.group(1), h.group(2) or b""
+    pairs = []
+    names = []
+    for line in block.split(b"\n")[:-1]:  # each line ends in LF: the last part is empty
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TOKEN_CHARS):
+            _refuse_header_lines(head[nl + 1:])
+        value = value.strip(b" \t")
         lname = name.lower()
-        if lname == b"content-length":
-            lengths.append(value)
-        elif lname == b"transfer-encoding":
-            te = value if te is None else te + b"," + value
         raw.append((name, value))
         pairs.append((lname, value))
+        names.append(lname)
     cl = None
-    if lengths:
+    if b"content-length" in names:
+        lengths = [v for n, v in pairs if n == b"content-length"]
         if len(lengths) > 1 or b"," in lengths[0]:
             raise RemoteProtocolError(MSG_TWO_LENGTHS, plain=True)
         if not _DIGITS.fullmatch(lengths[0]):
             raise RemoteProtocolError("bad Content-Length")
         cl = int(lengths[0])
     chunked = False
-    if te is not None:
+    if b"transfer-encoding" in names:
         if cl is not None:
             raise RemoteProtocolError(MSG_CL_AND_TE, plain=True)
+        te = b",".join([v for n, v in pairs if n == b"transfer-encoding"])
         if te.strip().lower() != b"chunked":
             raise RemoteProtocolError("only Transfer-Encoding: chunked is supported", 501, plain=True)
         chunked = True
-    return m, Headers(pairs, raw), cl, chunked
+    return m, Headers(pairs, raw), names, cl, chunked
+
+
+def _refuse_header_lines(block: bytes):
+    """Raise the RemoteProtocolError of the first header line of ``block``
+    (lines with their ends) out of grammar; of the block if none is."""
+    for line in block.split(b"\n")[:-1]:
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        if _HEADER.fullmatch(line) is None:
+            if line[:1] in (b" ", b"\t"):
+                raise RemoteProtocolError(MSG_FOLDING, plain=True)
+            raise RemoteProtocolError("illegal header line")
+    raise RemoteProtocolError("illegal header line")  # unreachable: fail closed all the same
 
 
 def _connection_close(headers) -> bool:
@@ -219,14 +259,27 @@ def _connection_close(headers) -> bool:
     return False
 
 
-def _check_out(headers: Headers) -> None:
-    for n, v in headers:
-        if not _TOKEN_RE.fullmatch(n) or not _VALUE_RE.fullmatch(v):
-            raise LocalProtocolError(f"illegal header {n[:40]!r}")
+def _header_block(headers: Headers) -> tuple[list[bytes], bytes]:
+    """(the lower-case names, the serialized ``name: value`` CRLF lines) of
+    ``headers`` to send; LocalProtocolError if a name is not a token or a
+    value not a field value (as h11: visible characters with inner spaces
+    and tabs).
 
-
-def _head_bytes(first: bytes, headers) -> bytes:
-    return first + b"".join(n + b": " + v + b"\r\n" for n, v in headers.raw_items()) + b"\r\n"
+    Checked at C speed, on the names and values serialized: every name is
+    token characters only and not empty, every value is value characters
+    only (no CR, LF, NUL, DEL or other control character) with no leading
+    or trailing space or tab -- ``_TOKEN_RE`` and ``_VALUE_RE`` exactly."""
+    raw = headers._raw if headers._raw is not None else headers
+    raw_names = [n for n, _ in raw]
+    values = [v for _, v in raw]
+    if (b"".join(raw_names).translate(None, _TOKEN_CHARS) or not all(raw_names)
+            or b"".join(values).translate(None, _VALUE_CHARS)
+            or [v.strip(b" \t") for v in values] != values):
+        for n, v in raw:
+            if not _TOKEN_RE.fullmatch(n) or not _VALUE_RE.fullmatch(v):
+                raise LocalProtocolError(f"illegal header {n.lower()[:40]!r}")
+        raise LocalProtocolError("illegal header")  # unreachable: fail closed all the same
+    return [n for n, _ in headers], b"".join([b"%s: %s\r\n" % (n, v) for n, v in raw])
 
 
 class Connection:
@@ -314,23 +367,23 @@ class Connection:
         end = m.end()
         if end > self._max_head:
             raise RemoteProtocolError("head too large", 431, plain=True)
-        lines = bytes(buf[:m.start()]).split(b"\n")
+        # the head with its last line's end (its closing empty line left out)
+        head = bytes(buf[:m.start() + 1])
         del buf[:end]
         self._scanned = 0
-        lines = [ln[:-1] if ln[-1:] == b"\r" else ln for ln in lines]
         if self.our_role is SERVER:
-            return self._request(lines)
-        return self._response(lines)
+            return self._request(head)
+        return self._response(head)
 
-    def _request(self, lines):
-        m, headers, cl, chunked = _parse_head(lines, _REQUEST_LINE, "request")
-        method, target, version = m.group(1), m.group(2), m.group(3)
-        if version == b"1.1" and not any(n == b"host" for n, _ in headers):
+    def _request(self, head: bytes):
+        m, headers, names, cl, chunked = _parse_head(head, _REQUEST_LINE, "request")
+        method, target, version = m.groups()
+        if version == b"1.1" and b"host" not in names:
             raise RemoteProtocolError("missing mandatory Host header", plain=True)
         self.their_http_version = version
         self._method = method
-        self._keep_alive = version == b"1.1" and not _connection_close(headers)
-        self.they_are_waiting_for_100_continue = version == b"1.1" and any(
+        self._keep_alive = version == b"1.1" and not (b"connection" in names and _connection_close(headers))
+        self.they_are_waiting_for_100_continue = version == b"1.1" and b"expect" in names and any(
             n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
         self._in_mode = "chunked" if chunked else "length"
         self._in_left = -1 if chunked else (cl or 0)
@@ -339,10 +392,10 @@ class Connection:
         self.our_state = SEND_RESPONSE
         return Request(method=method, target=target, headers=headers, http_version=version)
 
-    def _response(self, lines):
+    def _response(self, head: bytes):
         if self.our_state not in (SEND_BODY, DONE, MUST_CLOSE):
             raise RemoteProtocolError("a response before a request")
-        m, headers, cl, chunked = _parse_head(lines, _STATUS_LINE, "status")
+        m, headers, names, cl, chunked = _parse_head(head, _STATUS_LINE, "status")
         version, status, reason = m.group(1), int(m.group(2)), m.group(3) or b""
         self.their_http_version = version
         if status < 200:
@@ -350,7 +403,7 @@ class Connection:
                 self.their_state = SWITCHED_PROTOCOL
             return InformationalResponse(status_code=status, headers=headers, reason=reason,
                                          http_version=version)
-        if version != b"1.1" or _connection_close(headers):
+        if version != b"1.1" or (b"connection" in names and _connection_close(headers)):
             self._keep_alive = False
         if self._method == b"HEAD" or status in (204, 304):
             self._in_mode, self._in_left = "length", 0
@@ -378,9 +431,14 @@ class Connection:
                 if self._closed:
                     raise RemoteProtocolError("the peer closed before the end of the message body")
                 return NEED_DATA
-            n = min(left, len(buf))
-            data = bytes(buf[:n])
-            del buf[:n]
+            if left >= len(buf):  # the usual case: all that came is body
+                n = len(buf)
+                data = bytes(buf)
+                buf.clear()
+            else:
+                n = left
+                data = bytes(buf[:n])
+                del buf[:n]
             self._in_left = left - n
             self.they_are_waiting_for_100_continue = False
             return Data(data)
@@ -492,17 +550,20 @@ class Connection:
         headers = ev.headers
         if not _TOKEN_RE.fullmatch(ev.method) or not _TARGET.fullmatch(ev.target):
             raise LocalProtocolError("illegal request line")
-        _check_out(headers)
-        if not any(n == b"host" for n, _ in headers):
+        names, block = _header_block(headers)
+        if b"host" not in names:
             raise LocalProtocolError("missing mandatory Host header")
-        self._framing_out(headers)
+        self._framing_out(headers, names)
         self._method = ev.method
-        if _connection_close(headers):
+        if b"connection" in names and _connection_close(headers):
             self._keep_alive = False
         self.our_state = SEND_BODY
-        return _head_bytes(b"%s %s HTTP/1.1\r\n" % (ev.method, ev.target), headers)
+        return b"%s %s HTTP/1.1\r\n%s\r\n" % (ev.method, ev.target, block)
 
-    def _framing_out(self, headers: Headers) -> None:
+    def _framing_out(self, headers: Headers, names: list[bytes]) -> None:
+        if b"content-length" not in names and b"transfer-encoding" not in names:
+            self._out_mode, self._out_left = "length", 0
+            return
         cl = te = None
         for n, v in headers:
             if n == b"content-length":
@@ -525,13 +586,13 @@ class Connection:
             raise LocalProtocolError("cannot send an informational response now")
         if not 100 <= ev.status_code < 200:
             raise LocalProtocolError("an informational response needs a 1xx status")
-        _check_out(ev.headers)
+        _, block = _header_block(ev.headers)
         if not _REASON_RE.fullmatch(ev.reason):
             raise LocalProtocolError("illegal reason phrase")
         self.they_are_waiting_for_100_continue = False
         if ev.status_code == 101:
             self.our_state = self.their_state = SWITCHED_PROTOCOL
-        return _head_bytes(b"HTTP/1.1 %d %s\r\n" % (ev.status_code, ev.reason), ev.headers)
+        return b"HTTP/1.1 %d %s\r\n%s\r\n" % (ev.status_code, ev.reason, block)
 
     def _send_response(self, ev: Response) -> bytes:
         if self.our_role is not SERVER or self.our_state not in (SEND_RESPONSE, IDLE):
@@ -542,17 +603,17 @@ class Connection:
         if not _REASON_RE.fullmatch(ev.reason):
             raise LocalProtocolError("illegal reason phrase")
         headers = ev.headers
-        _check_out(headers)
-        raw = headers.raw_items()
-        if any(n == b"transfer-encoding" for n, _ in headers):
+        names, block = _header_block(headers)
+        if b"transfer-encoding" in names:
             raise LocalProtocolError("the response framing is this module's to choose")
         cl = None
-        for n, v in headers:
-            if n == b"content-length":
-                if cl is not None or not _DIGITS.fullmatch(v):
-                    raise LocalProtocolError("bad Content-Length")
-                cl = int(v)
-        if _connection_close(headers):
+        if b"content-length" in names:
+            for n, v in headers:
+                if n == b"content-length":
+                    if cl is not None or not _DIGITS.fullmatch(v):
+                        raise LocalProtocolError("bad Content-Length")
+                    cl = int(v)
+        if b"connection" in names and _connection_close(headers):
             self._keep_alive = False
         if self.our_state is IDLE:  # an answer to a request that never parsed
             self._keep_alive = False
@@ -563,17 +624,19 @@ class Connection:
             self._out_mode, self._out_left = "length", cl
         elif self.their_http_version == b"1.1":
             self._out_mode = "chunked"
-            raw.append((b"transfer-encoding", b"chunked"))
+            block += b"transfer-encoding: chunked\r\n"
         else:
             self._out_mode = "close"
             self._keep_alive = False
         if not self._keep_alive:
-            raw = [(n, v) for n, v in raw if n.lower() != b"connection"]
-            raw.append((b"connection", b"close"))
+            if b"connection" in names:  # theirs out, ours in (a line of the checked
+                # block is name ": " value CRLF, neither holding a CR or LF)
+                block = b"".join([line for line in block.splitlines(keepends=True)
+                                  if not line.lower().startswith(b"connection:")])
+            block += b"connection: close\r\n"
         self.they_are_waiting_for_100_continue = False
         self.our_state = SEND_BODY
-        return (b"HTTP/1.1 %d %s\r\n" % (status, ev.reason)
-                + b"".join(n + b": " + v + b"\r\n" for n, v in raw) + b"\r\n")
+        return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, ev.reason, block)
 
     def _send_data(self, data) -> bytes:
         if self.our_state is not SEND_BODY:

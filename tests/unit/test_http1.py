@@ -284,3 +284,193 @@ def test_reads_what_h11_reads(data):
     assert list(ours[0].headers) == list(theirs[0].headers)
     assert body_of(ours) == b"".join(e.data for e in theirs if type(e) is h11.Data)
     assert type(ours[-1]) is http1.EndOfMessage and type(theirs[-1]) is h11.EndOfMessage
+
+
+# -- the head checks at C speed are the grammar, line by line -------------------------------
+#
+# _parse_head checks a head's header lines as a whole with bytes methods and
+# _header_block what is to be sent the same way; both must accept and refuse
+# exactly what the grammar (``_HEADER`` on each line, ``_TOKEN_RE`` /
+# ``_VALUE_RE`` on each header to send) does, with the same message.
+
+MORE_REFUSED = {
+    # the grammar's refusals the block checks make (each with a control below)
+    "cr cr lf": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\r\r\n\r\n", "illegal header line"),
+    "del in a value": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\x7fb\r\n\r\n", "illegal header line"),
+    "vt in a value": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\x0bb\r\n\r\n", "illegal header line"),
+    "no colon": (b"GET / HTTP/1.1\r\nHost d\r\n\r\n", "illegal header line"),
+    "empty name": (b"GET / HTTP/1.1\r\nHost: d\r\n: v\r\n\r\n", "illegal header line"),
+    "non-token name": (b"GET / HTTP/1.1\r\nHost: d\r\nX@A: v\r\n\r\n", "illegal header line"),
+    "ctl in a name": (b"GET / HTTP/1.1\r\nHost: d\r\nX\x01A: v\r\n\r\n", "illegal header line"),
+    "tab folding": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\r\n\tb\r\n\r\n", "line folding"),
+    # the first bad line names the refusal, wherever the block check failed
+    "folding before a ctl": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\r\n b\r\nX-B: \x01\r\n\r\n", "line folding"),
+    "bad line before folding": (b"GET / HTTP/1.1\r\nHost: d\r\nX-A a\r\n b\r\n\r\n", "illegal header line"),
+}
+MORE_SERVED = [  # the controls: the same heads, in grammar
+    b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a~b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\tb\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost:d\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: d\r\nX-A:\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: d\r\nX_A: v\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a b\r\nX-B: c:d \t\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: d\r\nX-A: \xe9\n\r\n",
+]
+
+
+@pytest.mark.parametrize("case", sorted(MORE_REFUSED))
+def test_more_refused_header_lines(case):
+    data, words = MORE_REFUSED[case]
+    with pytest.raises(http1.RemoteProtocolError) as e:
+        events(server(), data)
+    assert e.value.error_status_hint == 400 and words in str(e.value)
+
+
+@pytest.mark.parametrize("data", MORE_SERVED)
+def test_more_served_header_lines(data):
+    req, end = events(server(), data)
+    assert type(req) is http1.Request and type(end) is http1.EndOfMessage
+    assert req.headers[0] == (b"host", b"d")
+
+
+def reference_head(data: bytes):
+    """What the grammar makes of a request head's header lines, line by line
+    (the per-line parser http1 had): ("ok", raw pairs) or ("refused", message)."""
+    lines = data[:data.index(b"\n\r\n")].split(b"\n")  # the head ends at its first LF CRLF
+    raw = []
+    for line in lines[1:]:
+        line = line[:-1] if line[-1:] == b"\r" else line
+        h = http1._HEADER.fullmatch(line)
+        if h is None:
+            return "refused", (http1.MSG_FOLDING if line[:1] in (b" ", b"\t") else "illegal header line")
+        raw.append((h.group(1), h.group(2) or b""))
+    return "ok", raw
+
+
+def mutations(seed: int, n: int):
+    """``n`` heads: a docker CLI request head with one to three bytes that
+    matter to the grammar inserted, replaced or deleted after its Host line."""
+    import random
+    rng = random.Random(seed)
+    alphabet = [b" ", b"\t", b"\r", b"\n", b":", b"\x00", b"\x01", b"\x7f", b"\x80", b"\xff", b"\x0b", b"\x0c",
+                b"a", b"A", b"@", b",", b"(", b'"']
+    base = (b"GET /v1.41/containers/web/json HTTP/1.1\r\nHost: docker\r\nUser-Agent: Docker-Client/20.10 (linux)"
+            b"\r\nX-Auth-Token: gAAAAAB-tok_en\r\nX-A:\t a  b\t\r\nAccept-Encoding: gzip\r\n\r\n")
+    start, end = base.index(b"User-Agent"), base.index(b"\r\n\r\n")  # Host stays
+    for _ in range(n):
+        head = bytearray(base[:end])
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(start, len(head) + 1)
+            op = rng.random()
+            if op < 0.5:
+                head[i:i] = rng.choice(alphabet)
+            elif op < 0.75:
+                del head[i:i + 1]
+            else:
+                head[i:i + 1] = rng.choice(alphabet)
+        data = bytes(head) + b"\r\n\r\n"
+        if data.index(b"\r\n\r\n") == len(head) and b"\n\n" not in data and b"\n\r\n" not in data[:-3]:
+            yield data  # still one head, ending where it did
+
+
+def test_head_checks_are_the_grammar_line_by_line():
+    seen = {"ok": 0, "refused": 0}
+    for data in mutations(seed=6, n=4000):
+        kind, want = reference_head(data)
+        seen[kind] += 1
+        c = server()
+        if kind == "ok":
+            req = events(c, data)[0]
+            assert req.headers.raw_items() == want, data
+            assert list(req.headers) == [(n.lower(), v) for n, v in want], data
+        else:
+            with pytest.raises(http1.RemoteProtocolError) as e:
+                events(c, data)
+            assert str(e.value) == want, data
+    assert seen["ok"] > 500 and seen["refused"] > 500, seen  # both sides of the line exercised
+
+
+SEND_REFUSED = [
+    (b"x-a", b"a\r\nx-b: b"),      # a header injected through a value
+    (b"x-a", b"a\nx-b: b"),
+    (b"x-a", b"a\rb"),
+    (b"x-a: b", b"c"),             # through a name
+    (b"x-a\r\nx-b", b"c"),
+    (b"x-a\n", b"c"),
+    (b"", b"c"),
+    (b"x a", b"c"),
+    (b"x-a", b" a"),               # white space a parser would trim
+    (b"x-a", b"a\t"),
+    (b"x-a", b"a\x00b"),
+    (b"x-a", b"a\x7fb"),
+    (b"x-a", b"a\x1fb"),
+]
+SEND_SERVED = [(b"x-a", b"a b"), (b"X-A", b"c"), (b"x-a", b""), (b"x-a", b"a\tb\x80\xff"), (b"x-a", b"a:b"),
+               (b"x-a!#$%&'*+.^_`|~", b"c")]
+
+
+@pytest.mark.parametrize("header", SEND_REFUSED)
+def test_what_this_side_never_serializes(header):
+    """Every kind of head this side sends refuses a header out of grammar
+    (with its name, lower-cased, in the message), whichever slot it is in."""
+    for pos in (0, 1, 2):
+        headers = [(b"host", b"d"), (b"x-ok", b"v")]
+        headers.insert(pos, header)
+        for make in (lambda: (http1.Connection(http1.CLIENT), http1.Request(method="GET", target="/",
+                                                                              headers=headers)),
+                     lambda: (answering(), http1.Response(status_code=200, headers=headers)),
+                     lambda: (answering(), http1.InformationalResponse(status_code=100, headers=headers))):
+            c, ev = make()
+            with pytest.raises(http1.LocalProtocolError) as e:
+                c.send(ev)
+            assert repr(header[0].lower()[:40]) in str(e.value)
+            assert c.our_state is http1.ERROR
+
+
+@pytest.mark.parametrize("header", SEND_SERVED)
+def test_what_this_side_serializes_as_given(header):
+    """The controls: headers in grammar go out as given, one line each."""
+    c = http1.Connection(http1.CLIENT)
+    out = c.send(http1.Request(method="GET", target="/", headers=[(b"host", b"d"), header]))
+    assert out == b"GET / HTTP/1.1\r\nhost: d\r\n" + header[0] + b": " + header[1] + b"\r\n\r\n"
+    out = answering().send(http1.Response(status_code=200, headers=[header, (b"content-length", b"0")]))
+    assert out == b"HTTP/1.1 200 \r\n" + header[0] + b": " + header[1] + b"\r\ncontent-length: 0\r\n\r\n"
+
+
+def answering(request: bytes = GET) -> http1.Connection:
+    c = server()
+    events(c, request)
+    return c
+
+
+def test_closing_drops_exactly_the_connection_headers():
+    """When the response closes the connection, the client's Connection
+    header(s) go (any case) and one ``connection: close`` comes last; headers
+    whose names only look alike stay."""
+    headers = [(b"Connection", b"keep-alive"), (b"x-connection", b"a"), (b"connection-x", b"b"),
+               (b"CONNECTION", b"Upgrade"), (b"content-type", b"text/plain")]
+    out = answering(b"GET / HTTP/1.0\r\n\r\n").send(http1.Response(status_code=200, headers=headers))
+    assert out == (b"HTTP/1.1 200 \r\nx-connection: a\r\nconnection-x: b\r\ncontent-type: text/plain\r\n"
+                   b"connection: close\r\n\r\n")
+    # chunked framing, closed by a header of ours: the framing line stays, the order too
+    out = answering().send(http1.Response(status_code=200, headers=[(b"x-a", b"1"), (b"connection", b"close")]))
+    assert out == b"HTTP/1.1 200 \r\nx-a: 1\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    # kept alive: the headers go out as they are (the control)
+    out = answering().send(http1.Response(status_code=200, headers=[(b"connection", b"keep-alive"),
+                                                                    (b"content-length", b"0")]))
+    assert out == b"HTTP/1.1 200 \r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+
+
+def test_a_client_that_says_close_is_answered_with_close():
+    c = answering(GET[:-2] + b"CONNECTION: Keep-Alive, Close\r\n\r\n")
+    out = c.send(http1.Response(status_code=200, headers=[(b"content-length", b"0")]))
+    assert out == b"HTTP/1.1 200 \r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    c.send(http1.EndOfMessage())
+    assert c.our_state is http1.MUST_CLOSE
+    # the control: without it, the connection stays
+    c = answering(GET[:-2] + b"Connection: keep-alive\r\n\r\n")
+    assert c.send(http1.Response(status_code=200, headers=[(b"content-length", b"0")])) == \
+        b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n"
+    c.send(http1.EndOfMessage())
+    assert c.our_state is http1.DONE
