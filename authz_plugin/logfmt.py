@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import time
 
@@ -30,6 +31,13 @@ def configure(level: str) -> None:
     logging.logMultiprocessing = False
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, level.upper(), logging.INFO),
                         format=LOG_FORMAT)
+
+
+def new_request_id() -> str:
+    """16 hex digits naming a request in logs and messages.  Not a secret (a
+    client may name its requests itself, ``X-Request-Id``): Python's
+    generator, reseeded in each forked child, not a system call per request."""
+    return f"{random.getrandbits(64):016x}"
 
 
 class DirectLines:
@@ -60,6 +68,27 @@ class DirectLines:
             self.log.info(text)
             return
         now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        os.write(self._fd,
-                 f"{stamp},{int(now % 1 * 1000):03d} {self._level_name} [{os.getpid()}] {text}\n".encode())
+        os.write(self._fd, f"{_stamp(int(now))},{int(now % 1 * 1000):03d} {self._level_name} [{_pid}] {text}\n".encode())
+
+
+# what each line repeats, not recomputed per line: the second's time stamp
+# (strftime/localtime) and this process's id (a system call; kept by an
+# at-fork handler)
+_pid = os.getpid()
+_last: tuple[int, str] = (-1, "")
+
+
+def _stamp(second: int) -> str:
+    global _last
+    last = _last
+    if last[0] != second:
+        last = _last = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+    return last[1]
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import endpoints, rules
+from . import endpoints, logfmt, rules
 from .audit import audit
 from .config import Config
 from .errors import (BadRequest, Denied, FdcsError, Forbidden, IdentityUnavailable, NotFound, Retry,
@@ -407,7 +406,7 @@ def _request_id(payload: Mapping[str, Any]) -> str:
     for k, v in (payload.get("RequestHeaders") or {}).items():
         if k.lower() == "x-request-id" and isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable():
             return v
-    return os.urandom(8).hex()
+    return logfmt.new_request_id()
 
 
 def _response_json(payload: Mapping[str, Any]) -> dict[str, Any]:

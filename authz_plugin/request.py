@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from dataclasses import dataclass, field
 from email.message import Message
 from typing import Mapping
+from urllib.parse import unquote_to_bytes
 
 from .errors import BadRequest
 
@@ -38,39 +40,28 @@ UNVERSIONED_OK = frozenset({"/_ping", "/version"})
 
 _VERSION_RE = re.compile(r"^/v([0-9.]+)(/.*)$")
 _CANONICAL_VERSION = re.compile(r"1\.(0|[1-9][0-9]{0,2})")
-_HEX = "0123456789abcdefABCDEF"
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _unescape(s: str, query: bool) -> str:
     """Go's url unescape: strict ``%XX``; ``+`` is a space only in a query."""
     if "%" not in s and not (query and "+" in s):
         return s
-    out = bytearray()
-    i = 0
-    raw = s.encode("utf-8")
-    n = len(raw)
-    while i < n:
-        c = raw[i]
-        if c == 0x25:  # %
-            if i + 2 >= n:
-                raise BadRequest("the request target holds an invalid percent escape")
-            h1, h2 = chr(raw[i + 1]), chr(raw[i + 2])
-            if h1 not in _HEX or h2 not in _HEX:
-                raise BadRequest("the request target holds an invalid percent escape")
-            out.append(int(h1 + h2, 16))
-            i += 3
-        elif c == 0x2B and query:  # +
-            out.append(0x20)
-            i += 1
-        else:
-            out.append(c)
-            i += 1
+    # Go refuses a '%' not followed by two hex digits (400); then each escape
+    # is one byte, and the bytes must be UTF-8.  Checked by a regex and
+    # decoded by the standard library: a byte loop here cost ~40 us per list
+    # request (its filters are escaped JSON).
+    if _BAD_ESCAPE.search(s):
+        raise BadRequest("the request target holds an invalid percent escape")
+    if query:
+        s = s.replace("+", " ")  # before unquoting: an escaped %2B stays a '+'
     try:
-        return out.decode("utf-8")
+        return unquote_to_bytes(s).decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("the request target does not decode to UTF-8") from None
 
 
+@functools.lru_cache(maxsize=64)  # the configured bounds and the few versions clients send
 def _version_tuple(v: str) -> tuple[int, int]:
     major, minor = v.split(".")
     return int(major), int(minor)
@@ -97,6 +88,10 @@ class Headers(Mapping[str, str]):
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key.lower() in self._d
+
+    def get(self, key: str, default=None):  # type: ignore[override]
+        # Mapping.get goes through __getitem__ and a KeyError
+        return self._d.get(key.lower(), default)
 
     def items(self):  # type: ignore[override]
         # what Mapping.items() gives (lower-case names), without a lookup per
@@ -182,7 +177,7 @@ def parse(
         raise BadRequest(f"method {method!r} is not supported")
     if not uri.startswith("/") or uri.startswith("//"):
         raise BadRequest("the request target must be a path starting with a single /")
-    if any(c in uri for c in "# \t\r\n\x00") or not uri.isprintable():
+    if "#" in uri or " " in uri or not uri.isprintable():  # tab, CR, LF, NUL: not printable
         raise BadRequest("the request target holds characters the engine would not route")
     raw_path, _, raw_query = uri.partition("?")
     path = _unescape(raw_path, query=False)

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .. import config as _config
 from .. import metrics
 from ..errors import AuthenticationError, ConfigError, Forbidden, IdentityUnavailable
+from ..request import Headers
 from ._cache import RejectLimiter, TokenCache, cache_key, token_handle
 from ._keystone import (MSG_EXPIRED, MSG_INVALID, MSG_MISSING, MSG_UNAVAILABLE,
                         KeystoneClient, TokenInfo, default_session)
@@ -58,6 +59,8 @@ MSG_SLOW_DOWN = "too many invalid tokens, slow down"
 
 TOKEN_HEADER = "X-Auth-Token"
 TENANT_HEADER = "X-Auth-TenantId"
+_TOKEN_LOWER = TOKEN_HEADER.lower()
+_TENANT_LOWER = TENANT_HEADER.lower()
 READ_METHODS = frozenset({"GET", "HEAD"})
 #: reads by method that write all the same: the engine's websocket attach
 #: (``GET /containers/{name:.*}/attach/ws``) always attaches the container's
@@ -113,19 +116,44 @@ class Identity:
                 and bool(self.roles & self.reader_roles))
 
 
-def _header(headers: Any, name: str) -> str | None:
-    """The value of header ``name``, matched case-insensitively.
+def _scan(headers: Any, names: Iterable[str]) -> dict[str, list]:
+    """Every value of each header in ``names`` (lower-case), one pass over
+    ``headers`` (names matched case-insensitively; repeats kept)."""
+    found: dict[str, list] = {n: [] for n in names}
+    if isinstance(headers, Headers):
+        # already one string value per lower-case name (the engine's map flattened)
+        for n, values in found.items():
+            v = headers.get(n)
+            if v is not None:
+                values.append(v)
+        return found
+    for k, v in headers.items():
+        if isinstance(k, str):
+            values = found.get(k.lower())
+            if values is not None:
+                values.append(v)
+    return found
+
+
+def _one(values: list, name: str) -> str | None:
+    """The value of header ``name`` among ``values`` (what :func:`_scan`
+    found for it).
 
     Two differing values under case variants of the name are refused: which
     one the engine or a proxy would honour is not ours to guess.
     """
-    want = name.lower()
-    values = [v for k, v in headers.items() if isinstance(k, str) and k.lower() == want]
+    if len(values) == 1 and isinstance(values[0], str):
+        return values[0]  # the usual case, without the checks below
     if not all(isinstance(v, str) for v in values):
         raise AuthenticationError(f"authentication required: {name} is not a string")
     if len(set(values)) > 1:
         raise AuthenticationError(f"authentication required: more than one {name} header")
     return values[0] if values else None
+
+
+def _header(headers: Any, name: str) -> str | None:
+    """The value of header ``name``, matched case-insensitively (see :func:`_one`)."""
+    return _one(_scan(headers, (name.lower(),))[name.lower()], name)
 
 
 def _describe(projects: Iterable[Mapping[str, str]], limit: int = 10) -> str:
@@ -246,6 +274,7 @@ class IdentityService:
         self._member_roles = frozenset(cfg["keystone.member_roles"])
         self._reader_roles = frozenset(cfg["keystone.reader_roles"])
         self._admin_key_header = cfg["keystone.admin_key_header"]
+        self._wanted_headers = tuple({h.lower() for h in (self._admin_key_header, TOKEN_HEADER, TENANT_HEADER) if h})
         self._admin_key = _AdminKey(cfg["keystone.admin_key_file"])
         self._stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
@@ -279,11 +308,12 @@ class IdentityService:
         return self._authenticate(headers, source, cached_only=True)
 
     def _authenticate(self, headers: Mapping[str, str], source: str, cached_only: bool) -> Identity | None:
+        found = _scan(headers, self._wanted_headers)  # one pass for the three headers
         if self._admin_key_header:
-            presented = _header(headers, self._admin_key_header)
+            presented = _one(found[self._admin_key_header.lower()], self._admin_key_header)
             if presented is not None:
                 return None if cached_only else self._break_glass(presented, source)
-        token = _header(headers, TOKEN_HEADER)
+        token = _one(found[_TOKEN_LOWER], TOKEN_HEADER)
         if not token:
             raise AuthenticationError(MSG_MISSING)
         if len(token) > _MAX_TOKEN or not _TOKEN_CHARS.issuperset(token):
@@ -291,7 +321,7 @@ class IdentityService:
             raise AuthenticationError(MSG_INVALID)
         # The tenant claim is only ever compared, exactly, with ids Keystone
         # gave; it is quoted with repr() wherever it is shown.
-        tenant = _header(headers, TENANT_HEADER) or ""
+        tenant = _one(found[_TENANT_LOWER], TENANT_HEADER) or ""
         if len(tenant) > _MAX_TENANT:
             raise AuthenticationError(
                 f"authentication required: {TENANT_HEADER} {tenant[:40]!r}... is not a project id")
