@@ -452,6 +452,22 @@ class Store:
             raise _malformed("resolve")
         return [resolution(raw) for raw in raws]
 
+    def owners(self, kind: str, ids: list[str]) -> list[str | None]:
+        """The owning tenant of each full id in ``ids`` (None: no record), in
+        one ``HMGET`` of the ownership hash (what :meth:`resolve` reads first
+        for a reference).  For ids the engine gave, where no name or prefix
+        may stand in for one."""
+        if not ids:
+            return []
+        key = f"fdcs:own:{kind}"
+        if self.lean is not None:
+            raw = self._call(self.lean.execute, "HMGET", key, *ids, retry=True)
+        else:
+            raw = self._call(self.r.hmget, key, ids)
+        if not isinstance(raw, list) or len(raw) != len(ids) or not all(o is None or isinstance(o, str) for o in raw):
+            raise _malformed("owners")
+        return raw
+
     def tenant_ref(self, kind: str, tenant: str, ref: str, scoped: str | None) -> tuple[str, str]:
         """What a tenant's hex-looking reference means to that tenant, in the
         engine's order: its own full id, its own name (``scoped``), a unique

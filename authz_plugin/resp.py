@@ -279,9 +279,9 @@ class LeanRedis:
         the batch sent once more; any other error reply is raised.  ``retry``
         defaults to True: only read-only scripts belong here."""
         cmds = [("EVALSHA", script.sha, len(keys), *keys, *argv) for argv in argvs]
-        if len(cmds) == 1 and not keys:  # the hook's usual call: the script's head packed once
-            replies = self._send([cmds[0]], script.head(len(cmds[0]) - 3) + b"".join([_bulk(a) for a in cmds[0][3:]]),
-                                 retry)
+        if not keys:  # the hooks' calls: each command's head (EVALSHA, the SHA, 0) packed once per script
+            replies = self._send(cmds, b"".join([script.head(len(c) - 3) + b"".join([_bulk(a) for a in c[3:]])
+                                                 for c in cmds]), retry)
         else:
             replies = self.pipeline(cmds, retry=retry)
         if any(isinstance(r, NoScriptError) for r in replies):

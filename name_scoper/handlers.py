@@ -143,8 +143,7 @@ def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
     """Which of the listed container ids the ownership records give to the
     caller (one blocking Redis round trip, like ``_resolve``): a label the
     container inherited from its image is no proof of ownership."""
-    results = ctx.store.resolve([("container", i, False) for i in ids])
-    return {i for i, res in zip(ids, results) if res.owned_by(scope.tenant)}
+    return {i for i, owner in zip(ids, ctx.store.owners("container", ids)) if owner == scope.tenant}
 
 
 async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) -> None:

@@ -41,7 +41,6 @@ import http
 import json
 import logging
 import re
-import secrets
 import socket
 import ssl
 import time
@@ -336,7 +335,7 @@ class _Client:
     async def _protocol_error(self, status: int, message: str, req: http1.Request | None = None) -> None:
         rec = _Record(req.method.decode("ascii", "replace") if req else "-",
                       req.target.decode("ascii", "replace") if req else "-", self.peer)
-        rec.rid = secrets.token_hex(8)
+        rec.rid = logfmt.new_request_id()
         body = json.dumps({"message": message}).encode()
         headers = [_JSON, (b"content-length", b"%d" % len(body)), (b"connection", b"close"),
                    (b"x-request-id", rec.rid.encode())]
@@ -415,7 +414,7 @@ class _Client:
             t.strip().lower() == b"upgrade"
             for n, v in req.headers if n == b"connection" for t in v.split(b","))
         headers = end_to_end(req.headers, s.drop_request_headers)
-        rid = rid or secrets.token_hex(8)
+        rid = rid or logfmt.new_request_id()
         rec.rid = rid
         headers.append((b"x-request-id", rid.encode()))
         auth = _AuthHeaders(headers)

@@ -17,6 +17,7 @@ applies it field by field (API-POLICY.md, "Name-bearing fields").
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, Callable
@@ -25,7 +26,8 @@ import orjson
 
 from authz_plugin import gojson, shapes
 from authz_plugin.errors import BadRequest
-from authz_plugin.scoping import LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, looks_like_id, scope, unscope, valid_name
+from authz_plugin.scoping import (LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, looks_like_id, scope, valid_name,
+                                  valid_tenant)
 
 DEFAULT_NETWORK = "bridge"  # the name tenants see for their own default network
 _DEFAULT_MODES = ("", "default", "bridge")
@@ -37,7 +39,8 @@ class Scope:
     def __init__(self, tenant: str):
         self.tenant = tenant
         self.prefix = tenant + "_"
-        self._scoped_re = re.compile(re.escape(self.prefix) + r"(?=[A-Za-z0-9])")
+        self._valid = valid_tenant(tenant)
+        self._scoped_re: re.Pattern | None = None  # built by text(), which few answers need
 
     # -- in -------------------------------------------------------------------
     def name(self, name: str) -> str:
@@ -63,9 +66,13 @@ class Scope:
 
     # -- out ------------------------------------------------------------------
     def original(self, scoped: str) -> str | None:
-        """The original name of one of this tenant's scoped names, else None."""
-        parts = unscope(scoped)
-        return parts[1] if parts and parts[0] == self.tenant else None
+        """The original name of one of this tenant's scoped names, else None
+        (what ``unscope`` says, without its split: a tenant id holds no
+        separator, so only a name starting with this prefix can be ours)."""
+        if not self._valid or not scoped.startswith(self.prefix):
+            return None
+        name = scoped[len(self.prefix):]
+        return name if valid_name(name) else None
 
     def out(self, name: str) -> str:
         """A name for display: the caller's scoped names unscoped, others kept."""
@@ -79,6 +86,8 @@ class Scope:
 
     def text(self, message: str) -> str:
         """Unscope every scoped name of this tenant inside free text."""
+        if self._scoped_re is None:
+            self._scoped_re = re.compile(re.escape(self.prefix) + r"(?=[A-Za-z0-9])")
         return self._scoped_re.sub("", message)
 
     def owns_name(self, name: str) -> bool:
@@ -529,6 +538,7 @@ def registry_auth_has_credentials(value: str) -> bool:
 _CREDENTIAL_KEYS = frozenset({"username", "password", "auth", "identitytoken", "registrytoken"})
 
 
+@functools.lru_cache(maxsize=256)  # on every answer; the engine's versions are few
 def version_cap(version: str, cap: str) -> str:
     def t(v):
         try:

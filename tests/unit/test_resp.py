@@ -203,6 +203,19 @@ def test_lean_resolve_answers_what_redis_py_answers(server):
 
 
 @needs_redis
+def test_owners_reads_the_records_of_full_ids_in_one_hmget(server):
+    slow, lean = _stores(server)
+    _fill(slow)
+    ids = ["abcdef0123", "abcdef9999", "0123456789", "feedfeed00"]
+    want = ["t1", "t2", "t1", None]  # no record: None, never a guess
+    assert slow.owners("container", ids) == want
+    assert lean.owners("container", ids) == want
+    # a name or a prefix is no id here (resolve would read them as such)
+    assert lean.owners("container", ["t1_web", "abcdef"]) == [None, None]
+    assert lean.owners("container", []) == slow.owners("container", []) == []
+
+
+@needs_redis
 def test_noscript_loads_the_script_and_retries_once(server):
     slow, lean = _stores(server)
     _fill(slow)
@@ -405,6 +418,14 @@ def scripted():
 
 
 ID_REPLY = b"*3\r\n$2\r\nid\r\n$3\r\nabc\r\n$2\r\nt1\r\n"
+
+
+@pytest.mark.parametrize("reply", [b"*1\r\n$2\r\nt1\r\n", b":1\r\n", b"*2\r\n$2\r\nt1\r\n:7\r\n"])
+def test_owners_of_another_shape_is_store_unavailable(scripted, reply):
+    """Fewer owners than ids, not an array, a number for an owner: refused."""
+    assert scripted([b"*2\r\n$2\r\nt1\r\n$-1\r\n"]).store().owners("container", ["a", "b"]) == ["t1", None]
+    with pytest.raises(StoreUnavailable):
+        scripted([reply]).store().owners("container", ["a", "b"])
 
 
 def test_scripted_positive_control(scripted):
