@@ -64,7 +64,7 @@ def build_authorizer(cfg: Config):
     from . import audit_stream
 
     store = Store.from_config(cfg)
-    audit_stream.install(store.r, cfg["plugin.audit_stream_maxlen"])  # fdcs-manage audit reads it
+    audit_stream.install(store.r, cfg["plugin.audit_stream_maxlen"], lean=store.lean)  # fdcs-manage audit reads it
     return Authorizer(cfg, IdentityService(cfg), store)
 
 

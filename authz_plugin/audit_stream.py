@@ -51,9 +51,13 @@ class Writer(Lingering):
     thread_name = "audit-stream"
     batch_max = BATCH
 
-    def __init__(self, client, maxlen: int, queue_size: int = QUEUE_SIZE, linger: float = LINGER):
+    def __init__(self, client, maxlen: int, queue_size: int = QUEUE_SIZE, linger: float = LINGER,
+                 lean=None):
         super().__init__(linger, maxsize=queue_size)
         self.client = client
+        #: ``resp.LeanRedis`` for the same Redis, when the plugin has one: a
+        #: batch packed by hand, several times cheaper than redis-py's pipeline
+        self.lean = lean
         self.maxlen = maxlen
         self.written = 0
         self.dropped = 0
@@ -84,10 +88,18 @@ class Writer(Lingering):
         """Append ``batch`` in one pipelined round trip; the number written
         (0: dropped and counted, Redis refused)."""
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for line in batch:
-                pipe.xadd(STREAM, {FIELD: line}, maxlen=self.maxlen, approximate=True)
-            pipe.execute()
+            if self.lean is not None:
+                # never resent (retry=False): an XADD twice is a line twice
+                replies = self.lean.pipeline([("XADD", STREAM, "MAXLEN", "~", self.maxlen, "*", FIELD, line)
+                                              for line in batch])
+                refused = next((r for r in replies if isinstance(r, Exception)), None)
+                if refused is not None:
+                    raise refused
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for line in batch:
+                    pipe.xadd(STREAM, {FIELD: line}, maxlen=self.maxlen, approximate=True)
+                pipe.execute()
         except Exception as e:  # any Redis failure: drop, count, carry on
             self._drop(len(batch), f"Redis refused the lines ({e.__class__.__name__})")
             return 0
@@ -99,12 +111,13 @@ class Writer(Lingering):
 _writer: Writer | None = None
 
 
-def install(client, maxlen: int) -> None:
-    """Copy this process's audit lines to Redis through ``client``
-    (``maxlen`` 0: no copy).  Called once where the plugin builds its store."""
+def install(client, maxlen: int, lean=None) -> None:
+    """Copy this process's audit lines to Redis through ``client`` (or
+    ``lean``, a ``resp.LeanRedis`` for the same Redis, when given;
+    ``maxlen`` 0: no copy).  Called once where the plugin builds its store."""
     global _writer
     if maxlen > 0 and _writer is None:
-        _writer = Writer(client, maxlen)
+        _writer = Writer(client, maxlen, lean=lean)
 
 
 def active() -> bool:

@@ -240,6 +240,8 @@ class _Common:
         self.registry = registry
         self.identity = Counter("fdcs_identity_events", "Identity checks by outcome: cache hit, miss, "
                                 "refusal, Keystone unavailable...", ["event"], registry=registry)
+        # one child per event, made up front: labels() takes a lock and builds a key
+        self.identity_children = {e: self.identity.labels(e) for e in IDENTITY_EVENTS}
         self.redis_errors = Counter("fdcs_redis_errors", "Redis operations that failed (the request was "
                                     "refused or retried)", registry=registry)
 
@@ -436,7 +438,7 @@ def identity_event(what: str) -> None:
         if m.buffer is not None:
             m.buffer.add(event)
         else:
-            m.identity.labels(event).inc()
+            m.identity_children[event].inc()
 
 
 class _Buffer(Lingering):

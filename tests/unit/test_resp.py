@@ -519,3 +519,20 @@ def test_refused_connection_is_store_unavailable():
                lean=resp.LeanRedis.from_url(f"redis://127.0.0.1:{port}/0", 0.5))
     with pytest.raises(StoreUnavailable, match="retry"):
         st.resolve([("container", "abc", True)])
+
+
+@needs_redis
+def test_audit_stream_batch_through_the_lean_client(server):
+    from authz_plugin import audit_stream
+    r = server.client()
+    w = audit_stream.Writer(r, maxlen=100, lean=resp.LeanRedis.from_url(server.url, 1.0))
+    assert w.process(['{"n":1}', '{"n":2,"s":"\u00e9"}']) == 2
+    assert [f[audit_stream.FIELD] for _, f in r.xrange(audit_stream.STREAM)] == ['{"n":1}', '{"n":2,"s":"\u00e9"}']
+    assert (w.written, w.dropped) == (2, 0)
+    # an error reply (the key is not a stream) drops the batch and counts it, never raises
+    r.delete(audit_stream.STREAM)
+    r.set(audit_stream.STREAM, "not a stream")
+    assert w.process(['{"n":3}']) == 0
+    assert (w.written, w.dropped) == (2, 1)
+    r.delete(audit_stream.STREAM)  # control: the same writer writes again
+    assert w.process(['{"n":4}']) == 1 and r.xlen(audit_stream.STREAM) == 1

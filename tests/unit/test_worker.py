@@ -11,12 +11,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from authz_plugin.worker import MAX_BODY, BadRequest, Conn, response
+from authz_plugin.worker import MAX_BODY, BadRequest, Conn, idle_timeout, response
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,6 +73,22 @@ def test_response_framing():
 
 
 # -- the worker under gunicorn -------------------------------------------------------------
+
+
+def test_an_idle_connection_gives_up_after_its_timeout_without_a_python_timeout():
+    a, b = socket.socketpair()
+    try:
+        idle_timeout(b, 0.2)
+        assert b.gettimeout() is None  # blocking: no poll before each call
+        a.sendall(b"x")
+        assert b.recv(1) == b"x"  # control: data within the timeout is read
+        t0 = time.monotonic()
+        with pytest.raises(OSError):  # what _serve closes the connection on
+            b.recv(1)
+        assert 0.15 <= time.monotonic() - t0 < 5
+    finally:
+        a.close()
+        b.close()
 
 
 def _exchange(sock: socket.socket, raw: bytes) -> tuple[int, dict, bytes]:
