@@ -164,7 +164,7 @@ def test_events():
 def test_errors():
     status, body = rewrite.error(404, json.dumps({"message": f"No such container: {TA}_web"}).encode(), S)
     assert (status, json.loads(body)["message"]) == (404, "No such container: web")
-    denial = {"message": f"authorization denied by plugin fdcs-x: No such container: web"}
+    denial = {"message": "authorization denied by plugin fdcs-x: No such container: web"}
     status, body = rewrite.error(403, json.dumps(denial).encode(), S)
     assert (status, json.loads(body)["message"]) == (404, "No such container: web")
     other = {"message": "authorization denied by plugin fdcs-x: HostConfig.Privileged is not allowed"}
