@@ -288,8 +288,8 @@ class ScoperMetrics(_Common):
                             registry=registry)
         #: label values -> child: ``labels()`` takes a lock and builds a key; the
         #: sets are small and bounded (method and status classes, ENDPOINT_KINDS)
-        self.request_children: dict[tuple[str, str, str], Any] = {}
-        self.duration_children: dict[str, Any] = {}
+        self.request_children: dict[tuple[str, ...], Any] = {}
+        self.duration_children: dict[tuple[str, ...], Any] = {}
 
 
 class ReconcilerMetrics(_Common):
@@ -400,6 +400,15 @@ def decision(hook: str, allow: bool, reason: str, seconds: float) -> None:
             _apply_decisions(m, key, 1, (seconds,))
 
 
+def _child(cache: dict, metric, values: tuple[str, ...]):
+    """``metric.labels(*values)``, made once per label set and kept in
+    ``cache`` (``labels()`` takes a lock and builds a key on every call)."""
+    child = cache.get(values)
+    if child is None:
+        child = cache[values] = metric.labels(*values)
+    return child
+
+
 def _children(m: PluginMetrics, key: tuple[bool, bool, str]) -> tuple:
     children = m.children.get(key)
     if children is None:  # labels() takes a lock and builds a key: once per combination
@@ -476,7 +485,7 @@ class _Buffer(Lingering):
                 for key, seconds in decisions.items():
                     _apply_decisions(self.m, key, len(seconds), seconds)
                 for event, n in events.items():
-                    self.m.identity.labels(event).inc(n)
+                    self.m.identity_children[event].inc(n)
             except Exception:  # a metrics fault must not stop the thread
                 log.debug("applying buffered metrics failed", exc_info=True)
             self.flushes += 1
@@ -495,16 +504,9 @@ def scoper_request(method: str, path: str, status: int, head_seconds: float | No
     m = active()
     if isinstance(m, ScoperMetrics):
         endpoint = endpoint_kind(path)
-        key = (method_class(method), endpoint, status_class(status))
-        child = m.request_children.get(key)
-        if child is None:
-            child = m.request_children[key] = m.requests.labels(*key)
-        child.inc()
+        _child(m.request_children, m.requests, (method_class(method), endpoint, status_class(status))).inc()
         if head_seconds is not None:
-            hist = m.duration_children.get(endpoint)
-            if hist is None:
-                hist = m.duration_children[endpoint] = m.duration.labels(endpoint)
-            hist.observe(max(0.0, head_seconds))
+            _child(m.duration_children, m.duration, (endpoint,)).observe(max(0.0, head_seconds))
         if received > 0:
             m.received.inc(received)
         if sent > 0:

@@ -90,13 +90,15 @@ class Script:
     def __init__(self, text: str):
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
-        self._heads: dict[int, bytes] = {}
+        self._heads: dict[tuple[int, int], bytes] = {}
 
-    def head(self, nargs: int) -> bytes:
-        """The packed start of ``EVALSHA <sha> 0`` followed by ``nargs`` arguments."""
-        h = self._heads.get(nargs)
+    def head(self, nargs: int, nkeys: int = 0) -> bytes:
+        """The packed start of ``EVALSHA <sha> <nkeys>`` followed by ``nargs``
+        arguments (the keys among them)."""
+        h = self._heads.get((nargs, nkeys))
         if h is None:
-            h = self._heads[nargs] = b"*%d\r\n" % (nargs + 3) + b"".join([_bulk(a) for a in ("EVALSHA", self.sha, 0)])
+            h = self._heads[(nargs, nkeys)] = (b"*%d\r\n" % (nargs + 3)
+                                               + b"".join([_bulk(a) for a in ("EVALSHA", self.sha, nkeys)]))
         return h
 
 
@@ -243,19 +245,20 @@ class LeanRedis:
         twice (see the module doc)."""
         if not commands:
             return []
-        return self._send(commands, b"".join([pack(c) for c in commands]), retry)
+        return self._send(len(commands), b"".join([pack(c) for c in commands]), retry)
 
-    def _send(self, commands: Sequence[Sequence[Any]], payload: bytes, retry: bool) -> list[Any]:
+    def _send(self, n: int, payload: bytes, retry: bool) -> list[Any]:
+        """Send ``payload`` (``n`` packed commands) and return their replies."""
         conn, fresh = self._get()
         try:
-            raw = self._roundtrip(conn, payload, len(commands))
+            raw = self._roundtrip(conn, payload, n)
         except redis.ConnectionError:
             self._close(conn)
             if fresh or not retry:
                 raise
             conn, _ = self._get()
             try:
-                raw = self._roundtrip(conn, payload, len(commands))
+                raw = self._roundtrip(conn, payload, n)
             except BaseException:
                 self._close(conn)
                 raise
@@ -278,17 +281,17 @@ class LeanRedis:
         know (``NOSCRIPT``: Redis restarted, ``SCRIPT FLUSH``) is loaded and
         the batch sent once more; any other error reply is raised.  ``retry``
         defaults to True: only read-only scripts belong here."""
-        cmds = [("EVALSHA", script.sha, len(keys), *keys, *argv) for argv in argvs]
-        if not keys:  # the hooks' calls: each command's head (EVALSHA, the SHA, 0) packed once per script
-            replies = self._send(cmds, b"".join([script.head(len(c) - 3) + b"".join([_bulk(a) for a in c[3:]])
-                                                 for c in cmds]), retry)
-        else:
-            replies = self.pipeline(cmds, retry=retry)
+        # packed once (each command's head by the script) and, after a
+        # NOSCRIPT, sent again as it is
+        packed_keys = [_bulk(k) for k in keys]
+        payload = [script.head(len(keys) + len(argv), len(keys)) + b"".join(packed_keys + [_bulk(a) for a in argv])
+                   for argv in argvs]
+        replies = self._send(len(payload), b"".join(payload), retry)
         if any(isinstance(r, NoScriptError) for r in replies):
             sha = self.execute("SCRIPT", "LOAD", script.text, retry=True)
             if sha != script.sha:
                 raise InvalidResponse("SCRIPT LOAD answered another SHA1 than the script's")
-            replies = self.pipeline(cmds, retry=retry)
+            replies = self._send(len(payload), b"".join(payload), retry)
         for r in replies:
             if isinstance(r, redis.ResponseError):
                 raise r

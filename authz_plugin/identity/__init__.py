@@ -151,11 +151,6 @@ def _one(values: list, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _header(headers: Any, name: str) -> str | None:
-    """The value of header ``name``, matched case-insensitively (see :func:`_one`)."""
-    return _one(_scan(headers, (name.lower(),))[name.lower()], name)
-
-
 def _describe(projects: Iterable[Mapping[str, str]], limit: int = 10) -> str:
     shown = [f"{p['id']} ({p['name']})" if p.get("name") else p["id"] for p in projects]
     if not shown:
@@ -274,6 +269,7 @@ class IdentityService:
         self._member_roles = frozenset(cfg["keystone.member_roles"])
         self._reader_roles = frozenset(cfg["keystone.reader_roles"])
         self._admin_key_header = cfg["keystone.admin_key_header"]
+        self._admin_key_lower = self._admin_key_header.lower()
         self._wanted_headers = tuple({h.lower() for h in (self._admin_key_header, TOKEN_HEADER, TENANT_HEADER) if h})
         self._admin_key = _AdminKey(cfg["keystone.admin_key_file"])
         self._stats: Counter[str] = Counter()
@@ -310,7 +306,7 @@ class IdentityService:
     def _authenticate(self, headers: Mapping[str, str], source: str, cached_only: bool) -> Identity | None:
         found = _scan(headers, self._wanted_headers)  # one pass for the three headers
         if self._admin_key_header:
-            presented = _one(found[self._admin_key_header.lower()], self._admin_key_header)
+            presented = _one(found[self._admin_key_lower], self._admin_key_header)
             if presented is not None:
                 return None if cached_only else self._break_glass(presented, source)
         token = _one(found[_TOKEN_LOWER], TOKEN_HEADER)
