@@ -208,12 +208,30 @@ class ThreePaths:
         cfg = self.tmp / "haproxy.cfg"
         cfg.write_text(haproxy_config(self.haproxy_port, pem, self.engine_socket, self.tunnel_upgrades))
         self.cmds.run("haproxy", [HAPROXY, "-c", "-q", "-f", cfg])
-        # -db: foreground, so the pid we record is HAProxy's own
-        self.haproxy_pid = self.cmds.spawn("haproxy", [HAPROXY, "-db", "-f", cfg], self.haproxy_pidfile)
-        wait_until(self._haproxy_ready, component="haproxy", log=self.cmds.log_path("haproxy"), timeout=20,
-                   pid=self.haproxy_pid)
+        self._spawn_haproxy()
         self.haproxy_version = subprocess.run([HAPROXY, "-v"], capture_output=True, text=True).stdout.split()[2]
         self.say(f"haproxy {self.haproxy_version}: pid {self.haproxy_pid} on 127.0.0.1:{self.haproxy_port}")
+
+    def _spawn_haproxy(self) -> None:
+        # -db: foreground, so the pid we record is HAProxy's own
+        self.haproxy_pid = self.cmds.spawn("haproxy", [HAPROXY, "-db", "-f", self.tmp / "haproxy.cfg"],
+                                           self.haproxy_pidfile)
+        wait_until(self._haproxy_ready, component="haproxy", log=self.cmds.log_path("haproxy"), timeout=20,
+                   pid=self.haproxy_pid)
+
+    def restart_haproxy(self) -> str:
+        """Replace a stalled HAProxy by a fresh one: KILL (it is being
+        replaced, and a stopped process would sit on a TERM), then the same
+        configuration on the same port, so the CLI arguments and connectors
+        stay valid; :attr:`proxy_pids` follows.  Returns what was done."""
+        old = live_pid(self.haproxy_pidfile)
+        if old is not None:
+            terminate(old, group=False, sig=signal.SIGKILL, timeout=5)
+        self._spawn_haproxy()
+        self.proxy_pids["haproxy"] = [self.haproxy_pid]
+        done = f"a fresh HAProxy (pid {old} killed, pid {self.haproxy_pid} on the same port)"
+        self.say(f"haproxy restarted: {done}")
+        return done
 
     def _haproxy_ready(self) -> bool:
         return self.answers_ping(tls_connector("127.0.0.1", self.haproxy_port, self.ctx))

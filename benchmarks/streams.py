@@ -68,7 +68,6 @@ import dataclasses
 import hashlib
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,14 +76,14 @@ import time
 from pathlib import Path
 
 from authz_plugin.devstack import ComponentFailed
-from authz_plugin.devstack._procs import clean_env, live_pid, terminate, wait_until
+from authz_plugin.devstack._procs import clean_env
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # benchmark code beside this file
 from _common import (Reader, Row, cpu_ns, machine, progress, ratio, run_bench, spy_path, spy_record,  # noqa: E402
                      spy_tally, write_rows)
-from _haproxy import HAPROXY, PATHS, ThreePaths  # noqa: E402
+from _haproxy import PATHS, ThreePaths  # noqa: E402
 
 TARGET = 0.8  # scoper/haproxy throughput, at least
 CONTAINER = "bench"
@@ -375,23 +374,6 @@ class Stall:
                 f"{self.kept}")
 
 
-def restart_haproxy(b: ThreePaths) -> str:
-    """Replace a stalled HAProxy by a fresh one: KILL (it is being replaced,
-    and a stopped process would sit on a TERM), then the same configuration
-    on the same port, so the CLI arguments and connectors stay valid;
-    :attr:`ThreePaths.proxy_pids` follows.  Returns what was done."""
-    old = live_pid(b.haproxy_pidfile)
-    if old is not None:
-        terminate(old, group=False, sig=signal.SIGKILL, timeout=5)
-    b.haproxy_pid = b.cmds.spawn("haproxy", [HAPROXY, "-db", "-f", str(b.tmp / "haproxy.cfg")], b.haproxy_pidfile)
-    wait_until(b._haproxy_ready, component="haproxy", log=b.cmds.log_path("haproxy"), timeout=20,
-               pid=b.haproxy_pid)
-    b.proxy_pids["haproxy"] = [b.haproxy_pid]
-    done = f"a fresh HAProxy (pid {old} killed, pid {b.haproxy_pid} on the same port)"
-    say(f"haproxy restarted: {done}")
-    return done
-
-
 def measure_one(b: ThreePaths, procs: Procs, op: str, p: str, rnd: int, args, files: dict[str, Path],
                 digests: dict[str, str], stalls: dict[str, Stall]) -> tuple[float, float, float]:
     """:func:`run_op` and the proxy's CPU seconds: (rate, seconds, cpu).
@@ -416,7 +398,7 @@ def measure_one(b: ThreePaths, procs: Procs, op: str, p: str, rnd: int, args, fi
             say(f"{NAMES[op]} through reference {p} stalled: {e}; retrying once")
             kept = b.keep_logs()  # named "-failed-logs-": this run goes on, so renamed
             kept = str(kept.rename(kept.with_name(kept.name.replace("-failed-logs-", "-stall-logs-"))))
-            restart = restart_haproxy(b) if p == "haproxy" else "nothing to restart (the CLI killed)"
+            restart = b.restart_haproxy() if p == "haproxy" else "nothing to restart (the CLI killed)"
             stalls[p] = Stall(op, p, rnd + 1, str(e), kept, restart)
             continue
         return rate, secs, (cpu_ns(prox) - c0) / 1e9
