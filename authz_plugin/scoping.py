@@ -64,6 +64,18 @@ def unscope(scoped: str) -> tuple[str, str] | None:
     return tenant, name
 
 
+def unscope_for(tenant: str, scoped: str) -> str | None:
+    """The name of ``scoped`` when it is ``tenant``'s scoped name, else None:
+    what ``unscope`` answers when its tenant is ``tenant``, without the split
+    (a tenant id holds no separator, so only a name starting with the
+    tenant's prefix can be the tenant's)."""
+    prefix = tenant + SEPARATOR
+    if not scoped.startswith(prefix) or not valid_tenant(tenant):
+        return None
+    name = scoped[len(prefix):]
+    return name if valid_name(name) else None
+
+
 def is_scoped_for(tenant: str, ref: str) -> bool:
     """Whether ``ref`` is a name in ``tenant``'s scoped form."""
     parts = unscope(ref)

@@ -26,8 +26,8 @@ import orjson
 
 from authz_plugin import gojson, shapes
 from authz_plugin.errors import BadRequest
-from authz_plugin.scoping import (LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, looks_like_id, scope, valid_name,
-                                  valid_tenant)
+from authz_plugin.scoping import (LABEL_PREFIX, NAME_LABEL, TENANT_LABEL, looks_like_id, scope, unscope_for,
+                                  valid_name)
 
 DEFAULT_NETWORK = "bridge"  # the name tenants see for their own default network
 _DEFAULT_MODES = ("", "default", "bridge")
@@ -39,7 +39,6 @@ class Scope:
     def __init__(self, tenant: str):
         self.tenant = tenant
         self.prefix = tenant + "_"
-        self._valid = valid_tenant(tenant)
         self._scoped_re: re.Pattern | None = None  # built by text(), which few answers need
 
     # -- in -------------------------------------------------------------------
@@ -66,13 +65,8 @@ class Scope:
 
     # -- out ------------------------------------------------------------------
     def original(self, scoped: str) -> str | None:
-        """The original name of one of this tenant's scoped names, else None
-        (what ``unscope`` says, without its split: a tenant id holds no
-        separator, so only a name starting with this prefix can be ours)."""
-        if not self._valid or not scoped.startswith(self.prefix):
-            return None
-        name = scoped[len(self.prefix):]
-        return name if valid_name(name) else None
+        """The original name of one of this tenant's scoped names, else None."""
+        return unscope_for(self.tenant, scoped)
 
     def out(self, name: str) -> str:
         """A name for display: the caller's scoped names unscoped, others kept."""

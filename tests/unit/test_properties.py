@@ -56,7 +56,7 @@ from authz_plugin.errors import BadRequest, FdcsError
 from authz_plugin.ownership import Store
 from authz_plugin.policy import Authorizer
 from authz_plugin.request import parse
-from authz_plugin.scoping import TENANT_LABEL, is_scoped_for, looks_like_id, scope, unscope, valid_name
+from authz_plugin.scoping import TENANT_LABEL, is_scoped_for, looks_like_id, scope, unscope, unscope_for, valid_name
 from name_scoper import handlers, reconcile, rewrite
 from name_scoper.reconciler import Reconciler
 from name_scoper.rewrite import Scope
@@ -112,6 +112,15 @@ def test_scope_round_trips_for_every_name_the_engine_accepts(tenant, name):
 
 
 @FAST
+@given(st.one_of(tenant_ids, st.text(max_size=8)), st.one_of(tenant_ids, st.text(max_size=8)),
+       st.one_of(st.text(max_size=12), original_names))
+def test_unscope_for_answers_what_unscope_answers_for_that_tenant(tenant, other, name):
+    """The scoper's per-tenant short cut (rewrite.Scope.original) against the rule itself."""
+    for scoped in (f"{tenant}_{name}", f"{other}_{name}", name):
+        parts = unscope(scoped)
+        assert unscope_for(tenant, scoped) == (parts[1] if parts and parts[0] == tenant else None)
+
+
 @given(tenant_ids, st.text(NAME_CHARS, min_size=200, max_size=300))
 def test_names_longer_than_200_are_refused(tenant, rest):
     name = "a" + rest
