@@ -171,7 +171,7 @@ async def _check_default_network(ctx: Context, scope: Scope, engine: Engine) -> 
             raise BadRequest(f"your default network could not be created: {rewrite.error(status, out, scope)[1].decode()}")
     elif status != 200:
         try:
-            reason = json.loads(rewrite.error(status, out, scope)[1])["message"]
+            reason = rewrite.load(rewrite.error(status, out, scope)[1])["message"]
         except (ValueError, KeyError, TypeError):
             reason = f"the engine answered {status}"
         raise BadRequest(f"your default network could not be checked ({reason}); retry")
@@ -181,7 +181,7 @@ async def _check_default_network(ctx: Context, scope: Scope, engine: Engine) -> 
 async def _tenant_counts(scope: Scope, engine: Engine) -> dict[str, int]:
     flt = urllib.parse.quote(json.dumps({"label": [f"{TENANT_LABEL}={scope.tenant}"]}))
     status, _, body = await engine("GET", f"{V}/containers/json?all=1&filters={flt}")
-    items = json.loads(body) if status == 200 else []
+    items = rewrite.load(body) if status == 200 else []
     states = [c.get("State") for c in items]
     return {"Containers": len(items), "ContainersRunning": states.count("running"),
             "ContainersPaused": states.count("paused"),
@@ -336,13 +336,13 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
         counts = await _tenant_counts(scope, engine)
 
         def info(b: bytes) -> bytes:
-            doc = json.loads(b)
+            doc = rewrite.load(b)
             doc.update(counts)
             return json.dumps(doc).encode()
         ex.response = Response(scope, cap, info)
     elif req.path == "/version":
         def version(b: bytes) -> bytes:
-            doc = json.loads(b)
+            doc = rewrite.load(b)
             if isinstance(doc.get("ApiVersion"), str):
                 doc["ApiVersion"] = rewrite.version_cap(doc["ApiVersion"], cap)
             return json.dumps(doc).encode()

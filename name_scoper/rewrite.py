@@ -94,6 +94,29 @@ def _dump(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+#: every digit as "9": a run of 19 of them is the shortest that can spell an
+#: integer beyond 64 bits, which orjson reads as a float (translate and find:
+#: ~5 us for an inspect, where the regex ``[0-9]{19}`` takes ~100)
+_DIGITS_AS_9 = bytes.maketrans(b"012345678", b"999999999")
+_LONG_NUMBER = b"9" * 19
+
+
+def load(body: bytes) -> Any:
+    """An engine document, exactly as ``json.loads`` reads it, about three
+    times faster: by ``orjson``, unless ``json.loads`` would read it
+    differently -- a number of 19 digits or more (``orjson`` turns integers
+    beyond 64 bits into floats) -- or ``orjson`` refuses what ``json.loads``
+    accepts (NaN, lone surrogates, UTF-16 or UTF-32); those go through
+    ``json.loads`` itself, which also raises what it always raised.  Every
+    answer that is rewritten is decoded once."""
+    if _LONG_NUMBER not in body.translate(_DIGITS_AS_9):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
 def _dump_out(obj: Any) -> bytes:
     """A response document for the client: compact JSON, by ``orjson``
     (several times faster than ``json.dumps``; a response is re-encoded on
@@ -347,7 +370,7 @@ def container_list(body: bytes, scope: Scope, owned: Callable[[list[str]], set[s
     ownership records give to the caller (the records ignore an inherited
     label); the others are dropped too.
     """
-    items = json.loads(body)
+    items = load(body)
     items = [c for c in items if isinstance(c, dict)] if isinstance(items, list) else []
     mine = [c for c in items if _labels_mine(scope, c.get("Labels"))]
     if owned is not None and mine:
@@ -370,7 +393,7 @@ def container_list(body: bytes, scope: Scope, owned: Callable[[list[str]], set[s
 
 
 def container_inspect(body: bytes, scope: Scope) -> bytes:
-    c = json.loads(body)
+    c = load(body)
     if not isinstance(c, dict):
         return body
     if c.get("Name"):
@@ -405,12 +428,12 @@ def network_out(n: dict, scope: Scope) -> dict:
 
 
 def network_list(body: bytes, scope: Scope) -> bytes:
-    items = json.loads(body)
+    items = load(body)
     return _dump_out([network_out(n, scope) for n in items if isinstance(n, dict) and _labels_mine(scope, n.get("Labels"))])
 
 
 def network_inspect(body: bytes, scope: Scope) -> bytes:
-    n = json.loads(body)
+    n = load(body)
     return _dump_out(network_out(n, scope)) if isinstance(n, dict) else body
 
 
@@ -420,7 +443,7 @@ def volume_out(v: dict, scope: Scope) -> dict:
 
 
 def volume_list(body: bytes, scope: Scope) -> bytes:
-    doc = json.loads(body)
+    doc = load(body)
     if isinstance(doc, dict):
         doc["Volumes"] = [volume_out(v, scope) for v in doc.get("Volumes") or []
                           if isinstance(v, dict) and _labels_mine(scope, v.get("Labels"))]
@@ -428,12 +451,12 @@ def volume_list(body: bytes, scope: Scope) -> bytes:
 
 
 def volume_inspect(body: bytes, scope: Scope) -> bytes:
-    v = json.loads(body)
+    v = load(body)
     return _dump_out(volume_out(v, scope)) if isinstance(v, dict) else body
 
 
 def prune_result(body: bytes, scope: Scope) -> bytes:
-    doc = json.loads(body)
+    doc = load(body)
     if isinstance(doc, dict):
         for key in ("NetworksDeleted", "VolumesDeleted"):
             if isinstance(doc.get(key), list):
@@ -451,7 +474,7 @@ def _json_line(line: bytes, rewrite_doc: Callable[[dict], bool]) -> bytes | None
     if not line.strip():
         return line
     try:
-        doc = json.loads(line)
+        doc = load(line)
     except ValueError:
         return None
     if not isinstance(doc, dict) or not rewrite_doc(doc):
@@ -491,7 +514,7 @@ def error(status: int, body: bytes, scope: Scope, not_owned_status: int = 404) -
     inside a create body, where clients read 404 as "no such image" and
     start pulling."""
     try:
-        doc = json.loads(body)
+        doc = load(body)
     except ValueError:
         return status, body
     if not isinstance(doc, dict) or not isinstance(doc.get("message"), str):
@@ -520,7 +543,7 @@ def registry_auth_has_credentials(value: str) -> bool:
     import base64
     try:
         raw = base64.urlsafe_b64decode(value.strip() + "=" * (-len(value.strip()) % 4))
-        doc = json.loads(raw or b"{}")
+        doc = load(raw or b"{}")
     except ValueError:
         return True
     if not isinstance(doc, dict):

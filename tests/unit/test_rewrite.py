@@ -225,3 +225,48 @@ def test_a_rewritten_answer_keeps_every_value_json_loads_read():
         assert json.loads(rewrite.container_inspect(raw, S)) == odd
     # control: the request side is unchanged, ASCII-only
     assert rewrite.canonical(b'{"Cmd":["\xc3\xa9"]}', shapes.EXEC_CONFIG) == b'{"Cmd":["\\u00e9"]}'
+
+
+# -- rewrite.load: json.loads's answers, orjson's speed ------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON, st.booleans())
+def test_load_reads_what_json_loads_reads(value, ascii_only):
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    try:
+        expected = json.loads(raw)
+    except ValueError as e:  # e.g. a lone surrogate written raw: both refuse it alike
+        with pytest.raises(type(e)):
+            rewrite.load(raw)
+        return
+    got = rewrite.load(raw)
+    assert got == expected and json.dumps(got) == json.dumps(expected)
+
+
+@pytest.mark.parametrize("raw", [
+    b'[NaN, Infinity, -Infinity]',            # json.loads accepts, orjson refuses
+    b'{"n": 123456789012345678901234567890}',  # beyond 64 bits
+    b'{"s": "\\ud800"}',                      # a lone surrogate, escaped
+    '{"a": "\u00e9"}'.encode("utf-16"),       # not UTF-8
+    b'{"k": 1, "k": 2}',                      # a repeated key: the last one wins
+    b' {"x": [1.5e300, -0, 0.1]} ',
+])
+def test_load_falls_back_to_json_loads_for_what_orjson_refuses(raw):
+    assert json.dumps(rewrite.load(raw)) == json.dumps(json.loads(raw))
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b'{"a":}', b"[1,]", b"\xff"])
+def test_load_refuses_what_json_loads_refuses(raw):
+    with pytest.raises(ValueError) as want:
+        json.loads(raw)
+    with pytest.raises(type(want.value)):
+        rewrite.load(raw)
