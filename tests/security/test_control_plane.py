@@ -88,11 +88,19 @@ def control_plane(stack) -> dict[str, int]:
     return ports
 
 
-#: a listener on every address of the namespace it runs in; prints its port
+#: a listener on every address of the namespace it runs in; prints its port.
+#: Its port is never one of the probed ports (argv): it answers on every
+#: address of the engine's namespace, so a kernel-chosen port that happened
+#: to equal, say, a metrics port of the root namespace would read as a leak.
 LISTENER = """
-import socket
-s = socket.socket()
-s.bind(("0.0.0.0", 0))
+import socket, sys
+avoid = {int(p) for p in sys.argv[1:]}
+while True:
+    s = socket.socket()
+    s.bind(("0.0.0.0", 0))
+    if s.getsockname()[1] not in avoid:
+        break
+    s.close()
 s.listen()
 print(s.getsockname()[1], flush=True)
 while True:
@@ -162,8 +170,8 @@ def test_a_tenant_container_reaches_its_tenant_and_no_control_plane(stack, tenan
     engine_pid = DevStack(stack.dir).pid("engine-h1")
     addrs = _ipv4([]) | _ipv4(["nsenter", "-t", str(engine_pid), "-n"])
     assert "127.0.0.1" in addrs and len(addrs) >= 3, addrs
-    listener = subprocess.Popen(["nsenter", "-t", str(engine_pid), "-n", sys.executable, "-c", LISTENER],
-                                stdout=subprocess.PIPE, text=True)
+    listener = subprocess.Popen(["nsenter", "-t", str(engine_pid), "-n", sys.executable, "-c", LISTENER,
+                                 *map(str, sorted(set(ports.values())))], stdout=subprocess.PIPE, text=True)
     try:
         calibration = int(listener.stdout.readline())
         out = _probe(stack, run, srv_ip, addrs, ports, calibration)
