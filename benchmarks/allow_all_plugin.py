@@ -1,6 +1,6 @@
 """An allow-all Docker AuthZ plugin, written to cost as little as possible.
 
-    python3 benchmarks/allow_all_plugin.py --socket /run/docker/plugins/NAME.sock
+    python3 benchmarks/allow_all_plugin.py --socket /run/docker/plugins/NAME.sock [--redis URL]
 
 It is the floor of ``plugin_inspect.py``: an engine started with
 ``--authorization-plugin=NAME`` and this plugin pays for the engine's plugin
@@ -14,16 +14,43 @@ request is read just far enough to find its length (``Content-Length`` or
 chunked) and answered with a constant: ``/Plugin.Activate`` with
 ``{"Implements":["authz"]}``, everything else with ``{"Allow":true}``.  The
 body is never parsed.  Runs until SIGTERM/SIGINT; removes its socket then.
+
+The floor of a decision that needs one Redis round trip (``--redis URL``,
+``redis://[:password@]host[:port][/db]`` or ``unix://path[?db=N]``): a
+request hook (``/AuthZPlugin.AuthZReq``) whose body holds the marker
+``"X-Bench-Redis":"1"`` -- the client sent the header ``X-Bench-Redis: 1``,
+which the engine passes on in ``RequestHeaders`` -- is answered only after
+one ``EVALSHA`` of the script ``return 1`` (no keys, no arguments) came
+back ``:1`` on a Redis connection of its own for the hook's duration (taken
+from a list of idle ones, opened when none is idle, put back after the
+reply; blocking, ``TCP_NODELAY``, 5 s ``SO_RCVTIMEO``/``SO_SNDTIMEO``).
+That is the round trip an FDCS inspect by id makes (one ``EVALSHA`` of its
+resolve script on its thread's connection, ``authz_plugin.resp``, the
+threads pooled so that their connections outlive the engine's connections,
+which dockerd closes and reopens beyond two at a time) without the work FDCS
+does around it: the command is a constant, the reply is read as bytes and
+compared with a constant.  ``EVALSHA`` rather than ``GET``:
+FDCS's look-up is conditional and multi-key (id, name, prefix, owner) and
+must be one atomic round trip, which takes a script; the floor pays
+Redis's script dispatch as FDCS does, not FDCS's script body.  A ``NOSCRIPT``
+reply loads the script (``SCRIPT LOAD``) and sends it again; any other
+failure answers ``{"Allow":false}`` with the reason, so the benchmark's
+client sees the error instead of a figure.  Unmarked hooks (and every
+response hook) pay one bytes search of the request hook's body, nothing
+else.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 import socket
+import struct
 import sys
 import threading
+import urllib.parse
 
 MEDIA_TYPE = b"application/vnd.docker.plugins.v1.2+json"
 
@@ -35,6 +62,126 @@ def _reply(body: bytes) -> bytes:
 
 ACTIVATE = _reply(b'{"Implements":["authz"]}')
 ALLOW = _reply(b'{"Allow":true}')
+REQUEST_HOOK = b"/AuthZPlugin.AuthZReq"
+#: what ``X-Bench-Redis: 1`` becomes in the hook's JSON (Go's canonical header
+#: name, ``encoding/json`` of ``RequestHeaders``: no spaces)
+MARKER = b'"X-Bench-Redis":"1"'
+
+
+def _command(*args: bytes) -> bytes:
+    """One RESP2 command: an array of bulk strings."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+
+
+SCRIPT = b"return 1"
+EVALSHA = _command(b"EVALSHA", hashlib.sha1(SCRIPT).hexdigest().encode(), b"0")
+SCRIPT_LOAD = _command(b"SCRIPT", b"LOAD", SCRIPT)
+TIMEOUT = struct.pack("ll", 5, 0)  # struct timeval: 5 s
+
+
+def _redis_reply(sock: socket.socket) -> bytes:
+    """One reply of a simple kind (status, error, integer: one line; a bulk
+    string: two), as bytes with its CRLFs."""
+    data = sock.recv(4096)
+    while True:
+        if not data:
+            raise OSError("Redis closed the connection")
+        lines = 2 if data[:1] == b"$" and not data.startswith(b"$-1") else 1
+        if data.count(b"\r\n") >= lines and data.endswith(b"\r\n"):
+            return data
+        more = sock.recv(4096)
+        if not more:
+            raise OSError("Redis closed the connection")
+        data += more
+
+
+class RedisPool:
+    """Idle connections to one Redis, shared by the serving threads: a hook
+    takes one (or opens one) and gives it back after a good reply; a broken
+    one is closed instead.  ``list.pop``/``append`` are atomic under the GIL."""
+
+    __slots__ = ("connect", "idle")
+
+    def __init__(self, url: str):
+        self.connect = redis_connector(url)
+        self.idle: list[socket.socket] = []
+
+    def take(self) -> socket.socket:
+        try:
+            return self.idle.pop()
+        except IndexError:
+            return self.connect()
+
+    def give(self, sock: socket.socket) -> None:
+        self.idle.append(sock)
+
+
+def redis_connector(url: str):
+    """A function opening a new connection to the Redis at ``url``
+    (``redis://`` or ``unix://``; password and db as redis-py reads them),
+    authenticated and on its db."""
+    u = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(u.query)
+    if u.scheme == "redis":
+        db = int(u.path.strip("/") or query.get("db", ["0"])[0])
+    elif u.scheme == "unix":
+        db = int(query.get("db", ["0"])[0])
+    else:
+        raise ValueError(f"unsupported Redis URL scheme {u.scheme!r} (redis:// or unix://)")
+    hello = []
+    if u.password is not None:
+        pw = urllib.parse.unquote(u.password).encode()
+        hello.append(_command(b"AUTH", urllib.parse.unquote(u.username).encode(), pw) if u.username
+                     else _command(b"AUTH", pw))
+    if db:
+        hello.append(_command(b"SELECT", b"%d" % db))
+
+    def connect() -> socket.socket:
+        if u.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            addr = u.path
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in (u.hostname or "") else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            addr = (u.hostname or "localhost", u.port or 6379)
+        try:
+            # a blocking socket with kernel timeouts: no poll before each call
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, TIMEOUT)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, TIMEOUT)
+            sock.connect(addr)
+            for cmd in hello:
+                sock.sendall(cmd)
+                reply = _redis_reply(sock)
+                if not reply.startswith(b"+OK"):
+                    raise OSError(f"Redis refused the connection set-up: {reply[:80]!r}")
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return connect
+
+
+def round_trip(sock: socket.socket) -> None:
+    """One ``EVALSHA`` of ``return 1``; raises unless it answers ``:1``."""
+    sock.sendall(EVALSHA)
+    reply = _redis_reply(sock)
+    if reply == b":1\r\n":
+        return
+    if reply.startswith(b"-NOSCRIPT"):  # a new or flushed Redis: load it once, then as before
+        sock.sendall(SCRIPT_LOAD)
+        _redis_reply(sock)
+        sock.sendall(EVALSHA)
+        reply = _redis_reply(sock)
+        if reply == b":1\r\n":
+            return
+    raise OSError(f"Redis answered {reply[:80]!r}")
+
+
+def _deny(why: str) -> bytes:
+    msg = why.replace("\\", "/").replace('"', "'")
+    return _reply(b'{"Allow":false,"Msg":"allow-all: %b"}' % msg.encode("ascii", "replace"))
 
 
 class Reader:
@@ -97,14 +244,30 @@ class Reader:
         return self._take(n, keep) if n else b""
 
 
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, pool: RedisPool | None) -> None:
     r = Reader(sock)
     try:
         while True:
             start, headers = r.head()
-            r.body(headers, keep=False)
             target = start.split(b" ", 2)[1] if start.count(b" ") >= 2 else b""
-            sock.sendall(ACTIVATE if target == b"/Plugin.Activate" else ALLOW)
+            if target == REQUEST_HOOK and MARKER in r.body(headers, keep=True):
+                answer = ALLOW
+                rds = None
+                try:
+                    if pool is None:
+                        raise OSError("a marked request, but this plugin was started without --redis")
+                    rds = pool.take()
+                    round_trip(rds)
+                    pool.give(rds)
+                except (OSError, ValueError) as e:
+                    answer = _deny(f"the Redis round trip failed: {e}")
+                    if rds is not None:
+                        rds.close()
+                sock.sendall(answer)
+            else:
+                if target != REQUEST_HOOK:
+                    r.body(headers, keep=False)
+                sock.sendall(ACTIVATE if target == b"/Plugin.Activate" else ALLOW)
             if b"close" in headers.get(b"connection", b"").lower():
                 return
     except (EOFError, OSError, ValueError):
@@ -113,7 +276,8 @@ def _serve(sock: socket.socket) -> None:
         sock.close()
 
 
-def serve(path: str) -> None:
+def serve(path: str, redis_url: str | None = None) -> None:
+    pool = RedisPool(redis_url) if redis_url else None
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -135,7 +299,7 @@ def serve(path: str) -> None:
     try:
         while True:
             conn, _ = lsock.accept()
-            threading.Thread(target=_serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=_serve, args=(conn, pool), daemon=True).start()
     finally:
         lsock.close()
         try:
@@ -147,7 +311,10 @@ def serve(path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--socket", required=True, help="unix socket to listen on (/run/docker/plugins/NAME.sock)")
-    serve(ap.parse_args(argv).socket)
+    ap.add_argument("--redis", metavar="URL",
+                    help="Redis for the request hooks marked X-Bench-Redis: 1 (one EVALSHA each)")
+    args = ap.parse_args(argv)
+    serve(args.socket, args.redis)
     return 0
 
 

@@ -14,6 +14,18 @@ its own data-root, exec-root and socket) are measured side by side:
   (beside this file): the floor, what the engine's plugin machinery costs;
 * ``no-plugin`` -- no authorization plugin at all.
 
+By id, FDCS must ask Redis who owns the id (one ``EVALSHA``: ownership
+records are shared by every host).  So the by-id cases measure a fourth
+path, ``allow-all+rt``: the ``allow-all`` engine with the header
+``X-Bench-Redis: 1`` on every request, which makes its plugin do one
+minimal round trip to the stack's Redis (``EVALSHA`` of ``return 1``) per
+request hook before answering -- the floor of a decision that needs one
+Redis round trip.  Its p50 goes into the row's references and
+fdcs/allow-all+rt into its note; the target stays fdcs/allow-all.  Before
+the rounds, 100 marked and 100 unmarked requests check (Redis's
+``INFO commandstats``) that the marker makes the round trip and its
+absence does not.
+
 On each, one equivalent container (``<tenant>_bench``, the tenant label,
 ``--network none --pids-limit 100 --cgroupns private busybox sleep 3600``; on ``fdcs`` created
 as alice, so that the plugin records her ownership) is inspected through the
@@ -26,7 +38,8 @@ Every (concurrency, engine, reference) series runs ``--requests`` requests
 per round, the series of a round in rotating order, for ``--rounds`` rounds;
 a warm-up per series is not counted.  The table gives p50, p99, mean and
 throughput per series, the CPU per request of dockerd and of the plugin, and
-for ``fdcs`` the ratios to ``allow-all`` and ``no-plugin`` at p50 and p99
+the CPU per request of the stack's Redis, for ``fdcs`` the ratios to
+``allow-all`` and ``no-plugin`` at p50 and p99
 (pooled over all rounds; ``rnd`` is the median of the per-round p50 ratios,
 which shrugs off a noisy round) and the plugin's own decision time for the
 request hook, from its audit log.  ``--json FILE`` writes the summary rows
@@ -76,7 +89,19 @@ ALLOW_ALL = HERE / "allow_all_plugin.py"
 TENANT_LABEL = "org.fiware.fdcs.tenant"
 TARGET_P50_RATIO = 1.3
 ENGINES = ("fdcs", "allow-all", "no-plugin")
+#: the allow-all engine, its plugin doing one Redis round trip per request hook (by id only)
+RT = "allow-all+rt"
+RT_HEADERS = {"X-Bench-Redis": "1"}  # the marker allow_all_plugin.py looks for
 REFS = ("name", "id", "list")  # inspect by scoped name, by 12-digit id; the tenant's container list
+
+
+def paths(ref: str) -> tuple[str, ...]:
+    """The paths measured for ``ref``: the engines, and by id the floor with a round trip."""
+    return ENGINES + (RT,) if ref == "id" else ENGINES
+
+
+def engine_of(path: str) -> str:
+    return "allow-all" if path == RT else path
 
 
 class BenchHost(Host):
@@ -118,19 +143,22 @@ class Bench:
     # -- start ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """The stack in a thread, meanwhile our two engines; then the containers."""
+        """The stack in a thread, meanwhile the no-plugin engine; then the
+        allow-all plugin (it needs the stack's Redis URL) and its engine;
+        then the containers."""
         with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="devstack") as pool:
             self.stack_started = True
             # a kept stack keeps its number of hosts; the benchmark uses host 1
             up = pool.submit(self.stack.up, None if self.keep else 1)
             _engine.build_busybox_tar(self.layout.busybox_tar, self.cmds)
-            self._start_plugin(self.hosts["allow-all"])
-            for label, host in self.hosts.items():
-                self._start_engine(label, host, with_plugin=label == "allow-all")
+            self._start_engine("no-plugin", self.hosts["no-plugin"], with_plugin=False)
             say(f"stack: waiting for fdcs-devstack up in {self.stack.dir}")
             took = up.result()
             say(f"stack: up ({took:.0f} s)")
         env = self.stack.env()
+        self.redis_url = env["FDCS_REDIS_URL"]
+        self._start_plugin(self.hosts["allow-all"], self.redis_url)
+        self._start_engine("allow-all", self.hosts["allow-all"], with_plugin=True)
         self.alice_config = env["FDCS_CONFIG_A1"]
         self.tenant = env["FDCS_TENANT_A"]
         self.fdcs_log = Path(self.stack.dir) / "logs" / "authz-h1.log"
@@ -144,16 +172,21 @@ class Bench:
         for label in ENGINES:
             self.ids[label] = self._container(label)
         authz = self.stack.pid("authz-h1")
+        redis = [p for p in [self.stack.pid("redis")] if p]
+        self.redis_pids = redis
         self.pids = {
             "fdcs": ([p for p in [self.stack.pid("engine-h1")] if p],
-                     [p for p in [authz, *(children(authz) if authz else []), self.stack.pid("redis")] if p]),
+                     [p for p in [authz, *(children(authz) if authz else [])] if p] + redis),
             "allow-all": ([self.engine_pids["allow-all"]], [self.plugin_pid]),
+            # as for fdcs, the plugin's column includes Redis: the decision's CPU
+            RT: ([self.engine_pids["allow-all"]], [self.plugin_pid] + redis),
             "no-plugin": ([self.engine_pids["no-plugin"]], []),
         }
 
-    def _start_plugin(self, host: BenchHost) -> None:
+    def _start_plugin(self, host: BenchHost, redis_url: str) -> None:
         comp = f"plugin-{host.suffix}"
-        self.plugin_pid = self.cmds.spawn(comp, [sys.executable, str(ALLOW_ALL), "--socket", str(host.plugin_socket)],
+        self.plugin_pid = self.cmds.spawn(comp, [sys.executable, str(ALLOW_ALL), "--socket", str(host.plugin_socket),
+                                                 "--redis", redis_url],
                                           self.tmp / "run" / f"{comp}.pid")
         wait_until(lambda: plugin_ready(host), component=comp, log=self.cmds.log_path(comp), timeout=20,
                    pid=self.plugin_pid)
@@ -253,7 +286,8 @@ class Series:
         self.rounds: list[list[int]] = []  # ns
         self.wall_ns = 0
         self.engine_cpu_ns = 0.0  # dockerd
-        self.plugin_cpu_ns = 0.0  # the plugin (for fdcs: gunicorn and Redis)
+        self.plugin_cpu_ns = 0.0  # the plugin (for fdcs and allow-all+rt: with Redis)
+        self.redis_cpu_ns = 0.0  # the stack's Redis (for the others: its background)
 
     @property
     def all(self) -> list[int]:
@@ -286,16 +320,70 @@ def audit_us(log: Path, start: int, end: int) -> dict[str, list[int]]:
 
 
 def url(b: Bench, engine: str, ref: str) -> str:
+    engine = engine_of(engine)
     if ref == "list":  # what the plugin asks of a plugin-only list: the tenant's label filter (same on every engine)
         f = urllib.parse.quote(json.dumps({"label": [f"{TENANT_LABEL}={b.tenant}"]}, separators=(",", ":")))
         return f"/v1.41/containers/json?filters={f}"
     return f"/v1.41/containers/{b.name if ref == 'name' else b.ids[engine][:12]}/json"
 
 
+def run_ns(pids: list[int]) -> int:
+    """CPU time of the live threads of ``pids`` in ns (``/proc/PID/task/*/schedstat``):
+    nanosecond resolution where ``cpu_ns`` has clock ticks (10 ms: 50 us per
+    request in a quick run's series).  For Redis, whose threads live as long
+    as it does."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
+def evalsha_calls(b: Bench) -> int:
+    """Redis's count of ``EVALSHA`` calls so far (``INFO commandstats``)."""
+    import redis
+
+    client = redis.Redis.from_url(b.redis_url, socket_timeout=5)
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def check_marker(b: Bench, n: int = 100) -> str:
+    """That ``X-Bench-Redis: 1`` makes the allow-all plugin do one round
+    trip per request (and its absence none): ``n`` marked, then ``n``
+    unmarked inspects by id, the ``EVALSHA`` calls Redis counted for each
+    (the stack's own, a few per second, come on top: hence >= n and < n)."""
+    target = url(b, RT, "id")
+    deltas = []
+    for extra in (RT_HEADERS, {}):
+        client = Client(b.sockets["allow-all"], 1, {**b.headers, **extra})
+        try:
+            before = evalsha_calls(b)
+            client.batch(target, n)
+            deltas.append(evalsha_calls(b) - before)
+        finally:
+            client.close()
+    if not (deltas[0] >= n and deltas[1] < n):
+        raise RuntimeError(f"the allow-all plugin's round trip: {n} marked requests made {deltas[0]} EVALSHA calls, "
+                           f"{n} unmarked {deltas[1]} (expected >= {n} and < {n})")
+    return f"marker  {n} marked inspects by id: {deltas[0]} EVALSHA calls in Redis; {n} unmarked: {deltas[1]}"
+
+
 def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tuple[list[Series], dict[str, list[int]]]:
-    urls = {(e, r): url(b, e, r) for e in ENGINES for r in REFS}
-    clients = {e: Client(b.sockets[e], conc, b.headers) for e in ENGINES}
-    series = [Series(conc, e, r) for r in REFS for e in ENGINES]
+    urls = {(e, r): url(b, e, r) for r in REFS for e in paths(r)}
+    clients = {e: Client(b.sockets[engine_of(e)], conc, {**b.headers, **(RT_HEADERS if e == RT else {})})
+               for e in (*ENGINES, RT)}
+    series = [Series(conc, e, r) for r in REFS for e in paths(r)]
     try:
         for s in series:  # warm-up: connections, token caches, engine caches
             clients[s.engine].batch(urls[s.engine, s.ref], warmup)
@@ -307,10 +395,11 @@ def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tup
                 k = rnd % len(series)
                 for s in series[k:] + series[:k]:
                     eng, plug = b.pids[s.engine]
-                    e0, p0 = cpu_ns(eng), cpu_ns(plug)
+                    e0, p0, r0 = cpu_ns(eng), cpu_ns(plug), run_ns(b.redis_pids)
                     lat, wall = clients[s.engine].batch(urls[s.engine, s.ref], requests)
                     s.engine_cpu_ns += cpu_ns(eng) - e0
                     s.plugin_cpu_ns += cpu_ns(plug) - p0
+                    s.redis_cpu_ns += run_ns(b.redis_pids) - r0
                     s.rounds.append(lat)
                     s.wall_ns += wall
         finally:
@@ -326,70 +415,93 @@ def measure(b: Bench, conc: int, rounds: int, requests: int, warmup: int) -> tup
 
 
 def report(b: Bench, results: list[tuple[int, list[Series], dict[str, list[int]]]], args,
-           load: tuple) -> tuple[str, list[Row]]:
+           load: tuple, marker: str = "") -> tuple[str, list[Row]]:
     ver = unix_http(b.sockets["no-plugin"], "GET", "/v1.41/version", timeout=5)
     dockerd = json.loads(ver[1]).get("Version", "?") if ver and ver[0] == 200 else "?"
     lines = machine() + [
         f"engines  dockerd {dockerd} (Debian docker.io), each in its own netns; fdcs: fdcs-authz "
-        "(gunicorn, worker authz_plugin.worker, the stack's configuration), allow-all: benchmarks/allow_all_plugin.py",
+        "(gunicorn, worker authz_plugin.worker, the stack's configuration), allow-all: benchmarks/allow_all_plugin.py; "
+        f"{RT} (by id only): the allow-all engine, requests marked X-Bench-Redis: 1, so that its plugin makes one "
+        "EVALSHA of 'return 1' to the stack's Redis per request hook: the floor of a decision with one round trip",
         f"run      GET /v1.41/containers/<ref>/json (name, id) and /v1.41/containers/json?filters=<tenant label> "
         f"(list) over keep-alive unix-socket connections, {args.rounds} rounds "
         f"x {args.requests} requests per series, warm-up {args.warmup} per series not counted, series "
         f"interleaved round-robin; load average {load[0]:.2f} before, {load[1]:.2f} after",
-        "columns  latency per request (us) and throughput; CPU per request (us) of dockerd and of the plugin "
-        "(fdcs: gunicorn master + workers + Redis); fdcs/allow and fdcs/none: latency ratios at p50 and p99 "
+        "columns  latency per request (us) and throughput; CPU per request (us) of dockerd, of the plugin "
+        f"(fdcs: gunicorn master + workers + Redis; {RT}: the plugin + Redis) and of the stack's Redis alone "
+        "(schedstat; for allow-all and no-plugin: its background); fdcs/allow and fdcs/none: latency ratios at p50 and p99 "
         "pooled over all rounds, rnd = median over rounds of the per-round p50 ratio; audit: the plugin's own "
         "request-hook decision time (p50 of the audit log's us field)",
-        "",
     ]
-    head = (f"{'conc':>4} {'ref':<4} {'engine':<9} {'n':>6} {'p50':>7} {'p99':>7} {'mean':>7} {'req/s':>6} "
-            f"{'cpu:dockerd':>11} {'plugin':>6} | {'fdcs/allow p50':>14} {'p99':>5} {'rnd':>5} | "
+    if marker:
+        lines.append(marker)
+    lines.append("")
+    head = (f"{'conc':>4} {'ref':<4} {'engine':<12} {'n':>6} {'p50':>7} {'p99':>7} {'mean':>7} {'req/s':>6} "
+            f"{'cpu:dockerd':>11} {'plugin':>6} {'redis':>5} | {'fdcs/allow p50':>14} {'p99':>5} {'rnd':>5} | "
             f"{'fdcs/none p50':>13} {'p99':>5} {'rnd':>5} | {'audit':>5}")
     lines += [head, "-" * len(head)]
     verdicts = []
     rows: list[Row] = []
+
+    def rnd_ratio(x: dict, o: dict) -> float:
+        return statistics.median(p / q for p, q in zip(x["rounds"], o["rounds"]))
+
     for conc, series, aud in results:
         by = {(s.engine, s.ref): s for s in series}
         for ref in REFS:
             st = {}
-            for e in ENGINES:
+            for e in paths(ref):
                 s = by[e, ref]
                 xs = s.all
                 st[e] = {"n": len(xs), "p50": pct(xs, 50), "p99": pct(xs, 99), "mean": statistics.fmean(xs) / 1000,
                          "tput": len(xs) / (s.wall_ns / 1e9), "ecpu": s.engine_cpu_ns / len(xs) / 1000,
-                         "pcpu": s.plugin_cpu_ns / len(xs) / 1000,
+                         "pcpu": s.plugin_cpu_ns / len(xs) / 1000, "rcpu": s.redis_cpu_ns / len(xs) / 1000,
                          "rounds": [pct(sorted(r), 50) for r in s.rounds]}
-            for e in ENGINES:
+            rt = st.get(RT)
+            for e in paths(ref):
                 x = st[e]
                 pcpu = f"{x['pcpu']:>6.0f}" if e != "no-plugin" else f"{'-':>6}"
-                row = (f"{conc:>4} {ref:<4} {e:<9} {x['n']:>6} {x['p50']:>7.0f} {x['p99']:>7.0f} {x['mean']:>7.0f} "
-                       f"{x['tput']:>6.0f} {x['ecpu']:>11.0f} {pcpu} |")
+                row = (f"{conc:>4} {ref:<4} {e:<12} {x['n']:>6} {x['p50']:>7.0f} {x['p99']:>7.0f} {x['mean']:>7.0f} "
+                       f"{x['tput']:>6.0f} {x['ecpu']:>11.0f} {pcpu} {x['rcpu']:>5.0f} |")
                 if e == "fdcs":
                     cols = []
                     for other, w in (("allow-all", 14), ("no-plugin", 13)):
                         o = st[other]
-                        rnd = statistics.median(p / q for p, q in zip(x["rounds"], o["rounds"]))
-                        cols.append(f"{ratio(x['p50'], o['p50']):>{w}} {ratio(x['p99'], o['p99']):>5} {rnd:>5.2f}")
+                        cols.append(f"{ratio(x['p50'], o['p50']):>{w}} {ratio(x['p99'], o['p99']):>5} "
+                                    f"{rnd_ratio(x, o):>5.2f}")
                     us = aud.get(ref, [])
                     row += f" {cols[0]} | {cols[1]} | " + (f"{statistics.median(us):>5.0f}" if us else f"{'-':>5}")
-                    verdicts.append((conc, ref, x["p50"] / st["allow-all"]["p50"]))
-                    case = f"{'list' if ref == 'list' else 'inspect by ' + ref}, c={conc}"
-                    refs = {e: st[e] for e in ("allow-all", "no-plugin")}
                     r50 = x["p50"] / st["allow-all"]["p50"]
-                    rows.append(Row("plugin", case, "p50 us", round(x["p50"]), {e: round(o["p50"]) for e, o in refs.items()},
-                                    "allow-all", round(r50, 2), f"<= {TARGET_P50_RATIO}", r50 <= TARGET_P50_RATIO,
-                                    f"per-round median ratio {statistics.median(p / q for p, q in zip(x['rounds'], st['allow-all']['rounds'])):.2f}; "
-                                    f"plugin CPU {x['pcpu']:.0f} us/req vs {st['allow-all']['pcpu']:.0f}"))
-                    rows.append(Row("plugin", case, "p99 us", round(x["p99"]), {e: round(o["p99"]) for e, o in refs.items()},
+                    verdicts.append((conc, ref, r50, x["p50"] / rt["p50"] if rt else None))
+                    case = f"{'list' if ref == 'list' else 'inspect by ' + ref}, c={conc}"
+                    refs = {o: st[o] for o in ("allow-all", "no-plugin", RT) if o in st}
+                    note = (f"per-round median ratio {rnd_ratio(x, st['allow-all']):.2f}; "
+                            f"plugin CPU {x['pcpu']:.0f} us/req vs {st['allow-all']['pcpu']:.0f}")
+                    if rt:
+                        # the target stays fdcs/allow-all (the issue's); this says how much of the gap
+                        # is the one Redis round trip every by-id decision needs
+                        note += (f"; fdcs/{RT} p50 {x['p50'] / rt['p50']:.2f} (per round {rnd_ratio(x, rt):.2f}), "
+                                 f"{RT}/allow-all {rt['p50'] / st['allow-all']['p50']:.2f}; Redis CPU "
+                                 f"{x['rcpu']:.0f} us/req vs {rt['rcpu']:.0f} ({RT})")
+                    rows.append(Row("plugin", case, "p50 us", round(x["p50"]), {o: round(v["p50"]) for o, v in refs.items()},
+                                    "allow-all", round(r50, 2), f"<= {TARGET_P50_RATIO}", r50 <= TARGET_P50_RATIO, note))
+                    rows.append(Row("plugin", case, "p99 us", round(x["p99"]), {o: round(v["p99"]) for o, v in refs.items()},
                                     "allow-all", round(x["p99"] / st["allow-all"]["p99"], 2)))
-                    rows.append(Row("plugin", case, "req/s", round(x["tput"]), {e: round(o["tput"]) for e, o in refs.items()},
+                    rows.append(Row("plugin", case, "req/s", round(x["tput"]), {o: round(v["tput"]) for o, v in refs.items()},
                                     "allow-all", round(x["tput"] / st["allow-all"]["tput"], 2)))
                 lines.append(row.rstrip(" |"))
+            if rt:
+                x, a = st["fdcs"], st["allow-all"]
+                lines.append(f"{conc:>4} {ref:<4} floor with one Redis round trip: fdcs/{RT} p50 "
+                             f"{ratio(x['p50'], rt['p50'])} p99 {ratio(x['p99'], rt['p99'])} rnd {rnd_ratio(x, rt):.2f}; "
+                             f"{RT}/allow-all p50 {ratio(rt['p50'], a['p50'])} rnd {rnd_ratio(rt, a):.2f}; "
+                             f"Redis CPU per request: fdcs {x['rcpu']:.0f} us, {RT} {rt['rcpu']:.0f} us "
+                             f"(background, during allow-all: {a['rcpu']:.0f} us)")
         lines.append("")
-    for conc, ref, r in verdicts:
+    for conc, ref, r, r_rt in verdicts:
         ok = "meets" if r <= TARGET_P50_RATIO else "MISSES"
         lines.append(f"target fdcs/allow-all p50 <= {TARGET_P50_RATIO}: concurrency {conc}, by {ref}: {r:.2f} "
-                     f"-- {ok} the target")
+                     f"-- {ok} the target" + (f" (fdcs/{RT}: {r_rt:.2f})" if r_rt is not None else ""))
     return "\n".join(lines), rows
 
 
@@ -478,13 +590,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         b.start()
+        marker = check_marker(b)
+        say(marker)
         load0 = os.getloadavg()[0]
         results = []
         for conc in concs:
             say(f"measuring at concurrency {conc}")
             series, aud = measure(b, conc, args.rounds, args.requests, args.warmup)
             results.append((conc, series, aud))
-        text, rows = report(b, results, args, (load0, os.getloadavg()[0]))
+        text, rows = report(b, results, args, (load0, os.getloadavg()[0]), marker)
         print(text, flush=True)
         if args.json:
             write_rows(args.json, rows)
