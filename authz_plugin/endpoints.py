@@ -120,12 +120,63 @@ MISSING = {C: "No such container: {ref}", X: "No such exec instance: {ref}",
            N: "network {ref} not found", V: "get {ref}: no such volume"}
 
 
-def match(method: str, path: str) -> Endpoint | None:
-    """The first row for ``method`` and the canonical ``path``, or None."""
+_FIRST = re.compile(r"\^/(?:([A-Za-z0-9_]+)|\(\?:([A-Za-z0-9_|]+)\))(?:/|\(\?:/|\$)")
+
+
+def _first_segments(ep: Endpoint) -> tuple[str, ...] | None:
+    """The literal first path segments a row's pattern can match (one, or
+    the words of a leading ``(?:a|b)``); None when the pattern starts any
+    other way (then the row is tried for every path)."""
+    m = _FIRST.match(ep.pattern.pattern)
+    if m is None:
+        return None
+    return (m.group(1),) if m.group(1) else tuple(m.group(2).split("|"))
+
+
+def _index(table: tuple[Endpoint, ...]) -> dict[tuple[str, str], tuple[Endpoint, ...]] | None:
+    """(method, first path segment) -> the rows that may match, in table
+    order; None when a row's first segment is not a literal (then
+    :func:`match` scans the whole table)."""
+    firsts = [_first_segments(ep) for ep in table]
+    if any(f is None for f in firsts):
+        return None
+    index: dict[tuple[str, str], list[Endpoint]] = {}
+    for ep, segs in zip(table, firsts):
+        for method in ep.methods:
+            for seg in segs:
+                index.setdefault((method, seg), []).append(ep)
+    return {k: tuple(v) for k, v in index.items()}
+
+
+#: every path a row matches starts with one of the row's first segments, so
+#: only those rows can match it: a request tries one or a few rows, not the
+#: dozen before its own (a test holds :func:`match` equal to the scan)
+_INDEX = _index(TABLE)
+
+
+def _scan(method: str, path: str) -> Endpoint | None:
     for ep in TABLE:
         if method in ep.methods and ep.pattern.match(path):
             return ep
     return None
+
+
+def match(method: str, path: str) -> Endpoint | None:
+    """The first row for ``method`` and the canonical ``path``, or None."""
+    return match_params(method, path)[0]
+
+
+def match_params(method: str, path: str) -> tuple[Endpoint | None, dict[str, str]]:
+    """:func:`match` and :func:`params` of its row with one regex match:
+    ``(row, params)``, ``(None, {})`` when no row matches."""
+    if _INDEX is None:
+        ep = _scan(method, path)
+        return (ep, params(ep, path)) if ep is not None else (None, {})
+    for ep in _INDEX.get((method, path[1:].partition("/")[0]), ()):
+        m = ep.pattern.match(path)
+        if m:
+            return ep, m.groupdict()
+    return None, {}
 
 
 def params(ep: Endpoint, path: str) -> dict[str, str]:

@@ -125,14 +125,14 @@ class Authorizer:
         req = None
         try:
             req = self._parse(payload)
-            ep = endpoints.match(req.method, req.path)
+            ep, params = endpoints.match_params(req.method, req.path)
             if ep is None or ep.action not in _RECORDING:
                 return allow()
             ident = self._response_identity(req, payload)
             who = {"tenant": ident.project_id, "user": ident.user_name}
             if ident.is_admin:
                 return allow()  # administrators' resources are adopted by the reconciler
-            plan = rules.plan(req, ep, endpoints.params(ep, req.path), ident.project_id, self.policy)
+            plan = rules.plan(req, ep, params, ident.project_id, self.policy)
             fp = self._fingerprint(ident.project_id, payload) if self.quota and plan.charge else None
             if status not in (200, 201, 204):
                 self._release(plan)  # the create or rename failed: free its name
@@ -185,10 +185,10 @@ class Authorizer:
             what = req.method if req.method not in ("GET", "HEAD") else f"{req.method} {req.path}, which writes to the container,"
             raise Forbidden(f"your role on project {ident.project_id} allows reading only "
                             f"({what} needs the member role)")
-        ep = endpoints.match(req.method, req.path)
+        ep, params = endpoints.match_params(req.method, req.path)
         if ep is None:
             raise Unsupported(f"{req.method} {req.path} is not supported by this service")
-        plan = rules.plan(req, ep, endpoints.params(ep, req.path), ident.project_id, self.policy)
+        plan = rules.plan(req, ep, params, ident.project_id, self.policy)
         self._check_needs(plan.needs, ident.project_id)
         fp = self._admit(plan, ident.project_id, fp_source)
         try:

@@ -28,7 +28,7 @@ import base64
 import binascii
 import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import Message
 from typing import Mapping
 from urllib.parse import unquote_to_bytes
@@ -93,13 +93,19 @@ class Headers(Mapping[str, str]):
         # Mapping.get goes through __getitem__ and a KeyError
         return self._d.get(key.lower(), default)
 
+    def lowered(self) -> Mapping[str, str]:
+        """The map itself, by lower-case name (read it, never change it):
+        for callers that look up names already in lower case, without a
+        ``lower()`` and a call per name."""
+        return self._d
+
     def items(self):  # type: ignore[override]
         # what Mapping.items() gives (lower-case names), without a lookup per
         # header: the identity scans the headers three times per decision
         return self._d.items()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
     """A canonical engine request.
 
@@ -116,7 +122,6 @@ class Request:
     body: bytes | None
     raw_uri: str = ""
     media_type: str = ""
-    _qcache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def q(self, key: str) -> str | None:
         """The value the engine reads for ``key``: the first one."""

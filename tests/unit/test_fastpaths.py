@@ -1,0 +1,232 @@
+"""Differential tests of the plugin's hot-path shortcuts against the forms
+they replace (issue 6): the endpoint index against the table scan, the
+token-format regex against the character set, the worker's header loop
+against the one that lower-cased every header, and the lean Redis client's
+kernel timeouts."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+
+import pytest
+import redis
+
+from authz_plugin import endpoints, resp, worker
+from authz_plugin.identity import _MAX_TOKEN, _TOKEN_CHARS, _TOKEN_RE
+
+# -- endpoints: the index against the scan of the whole table ----------------------------------------
+
+_SEGMENTS = ["_ping", "version", "info", "events", "system", "session", "grpc", "auth", "containers", "exec",
+             "images", "distribution", "commit", "build", "networks", "volumes", "swarm", "nodes", "services",
+             "tasks", "secrets", "configs", "plugins", "", "containersx", "Containers", "v1.41", "x"]
+_TAILS = ["", "/json", "/create", "/prune", "/abc", "/abc/json", "/abc/top", "/abc/archive", "/abc/start",
+          "/abc/update", "/abc/rename", "/abc/exec", "/abc/resize", "/abc/attach/ws", "/a/b/json",
+          "/library/busybox/json", "/busybox/history", "/x/get", "/x/tag", "/search", "/load", "/get",
+          "/df", "/cancel", "/abc/connect", "/abc/disconnect", "/abc/attach", "/abc/wait", "//", "/"]
+
+
+def _paths():
+    for seg in _SEGMENTS:
+        for tail in _TAILS:
+            yield "/" + seg + tail
+    yield "/"
+    yield ""
+    yield "containers/json"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "get"])
+def test_endpoint_index_answers_what_the_table_scan_answers(method):
+    assert endpoints._INDEX is not None  # every row of today's table starts with a literal segment
+    n = 0
+    for path in _paths():
+        ep, params = endpoints.match_params(method, path)
+        want = endpoints._scan(method, path)
+        assert ep is want, (method, path)
+        assert endpoints.match(method, path) is want
+        assert params == (endpoints.params(want, path) if want is not None else {})
+        n += want is not None
+    assert n > {"GET": 20, "POST": 10, "DELETE": 3, "HEAD": 1, "PUT": 1}.get(method, -1)  # rows reached, not only misses
+
+
+def test_endpoint_index_gives_up_on_a_row_without_a_literal_first_segment():
+    row = endpoints._row("GET", "/(?:a|b.*)/x", "any")
+    assert endpoints._first_segments(row) is None
+    assert endpoints._index(endpoints.TABLE + (row,)) is None
+    assert endpoints._first_segments(endpoints._row("GET", "/(?:swarm|nodes)(?:/.*)?", "admin")) == ("swarm", "nodes")
+    assert endpoints._first_segments(endpoints._row("GET", "/containers/{ref}/json", "own")) == ("containers",)
+
+
+# -- identity: the token format --------------------------------------------------------------------
+
+def _old_token_ok(t: str) -> bool:
+    return not (len(t) > _MAX_TOKEN or not _TOKEN_CHARS.issuperset(t))
+
+
+def test_token_regex_is_the_character_set_check():
+    rnd = random.Random(6)
+    alphabet = "".join(sorted(_TOKEN_CHARS)) + " \t\r\n\x00\x0b\x0c:;%é\u0660\uff10\u212a٣"
+    for _ in range(20000):
+        t = "".join(rnd.choice(alphabet) for _ in range(rnd.choice((1, 2, 3, 8, 40, 200))))
+        assert (_TOKEN_RE.fullmatch(t) is not None) == _old_token_ok(t), repr(t)
+    for t in ("a" * _MAX_TOKEN, "a" * (_MAX_TOKEN + 1), "a\n", "\na", "gAAAA-_=.+/09Zz"):
+        assert (_TOKEN_RE.fullmatch(t) is not None) == _old_token_ok(t), (len(t), t[-3:])
+    assert _TOKEN_RE.fullmatch("") is None  # the caller refuses an empty token before (MSG_MISSING)
+
+
+# -- worker: the header loop -------------------------------------------------------------------------
+
+class _Sock:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def recv(self, n: int) -> bytes:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def _old_headers(lines: list[bytes]):
+    """The header loop as it was before the length shortcut."""
+    length, chunked, keep = None, False, True
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or name[:1] in (b" ", b"\t"):
+            raise worker.BadRequest(400, "bad header line")
+        name, value = name.lower(), value.strip()
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                raise worker.BadRequest(400, "bad or repeated Content-Length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            if chunked or value.lower() != b"chunked":
+                raise worker.BadRequest(400, "unsupported Transfer-Encoding")
+            chunked = True
+        elif name == b"connection":
+            tokens = {t.strip() for t in value.lower().split(b",")}
+            if b"close" in tokens:
+                keep = False
+            elif b"keep-alive" in tokens:
+                keep = True
+    if chunked and length is not None:
+        raise worker.BadRequest(400, "both Content-Length and Transfer-Encoding")
+    return length, chunked, keep
+
+
+_HEADER_LINES = [b"Host: plugin", b"User-Agent: Go-http-client/1.1", b"Content-Length: 2", b"content-length: 2",
+                 b"CONTENT-LENGTH:2", b"Content-Length: x", b"Content-Length : 2", b" Content-Length: 2",
+                 b"\tX: y", b"X : y", b"Transfer-Encoding: chunked", b"transfer-encoding: gzip",
+                 b"Connection: close", b"connection: Keep-Alive", b"Connection: upgrade", b"Accept-Encoding: gzip",
+                 b"no colon", b": empty name", b"X-Long-Header-Name-Of-Len: 1", b"abcdefghij: 1",
+                 b"Content-Lengtx: 2", b"X\x0b: y", b"Xy:", b"Content-Type: application/json"]
+
+
+def _read(lines: list[bytes]):
+    head = b"POST /AuthZPlugin.AuthZReq HTTP/1.1\r\n" + b"".join(l + b"\r\n" for l in lines) + b"\r\n"
+    conn = worker.Conn(_Sock(head + b"{}" + b"0\r\n\r\n" * 2))
+    try:
+        path, body, keep = conn.read()
+        return ("ok", keep)
+    except worker.BadRequest as e:
+        return ("bad", e.status, str(e))
+
+
+def _expected(lines: list[bytes]):
+    try:
+        length, chunked, keep = _old_headers(lines)
+    except worker.BadRequest as e:
+        return ("bad", e.status, str(e))
+    if chunked:
+        return ("bad", 400, "bad chunk size")  # the body "{}" is not a chunk: both loops get that far
+    return ("ok", keep)
+
+
+def test_worker_header_loop_answers_what_the_full_loop_answered():
+    rnd = random.Random(6)
+    for _ in range(3000):
+        lines = rnd.sample(_HEADER_LINES, rnd.randint(0, 5))
+        got, want = _read(lines), _expected(lines)
+        assert got[:2] == want[:2], (lines, got, want)
+
+
+# -- resp: kernel timeouts ---------------------------------------------------------------------------
+
+def test_lean_client_timeout_without_python_socket_timeout():
+    """The lean client's socket is blocking (no poll per call) and a silent
+    server still ends in redis.TimeoutError, within about the timeout."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    held = []
+    t = threading.Thread(target=lambda: held.append(srv.accept()[0]), daemon=True)
+    t.start()
+    try:
+        lean = resp.LeanRedis(port=port, timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            lean.execute("PING")
+        assert 0.25 <= time.monotonic() - t0 < 3
+        conn = lean._connect()
+        try:
+            assert conn.sock.gettimeout() is None  # blocking: no poll before recv/send
+        finally:
+            conn.sock.close()
+    finally:
+        for c in held:
+            c.close()
+        srv.close()
+
+
+def test_packed_prefix_and_bulk_are_the_whole_command_packed():
+    for args, last in [(("XADD", "fdcs:audit", "MAXLEN", "~", 100000, "*", "line"), '{"n":1,"s":"\u00e9"}'),
+                       (("XADD", "s", "MAXLEN", "~", 1, "*", "line"), ""), ((), "PING"), (("GET",), b"k\r\n")]:
+        assert resp.prefix(args, 1) + resp.bulk(last) == resp.pack([*args, last])
+    assert resp.prefix(("A",), 2) + resp.bulk("b") + resp.bulk(3) == resp.pack(["A", "b", 3])
+    from authz_plugin import audit_stream
+    w = audit_stream.Writer(None, maxlen=123)
+    assert w._xadd + resp.bulk("x") == resp.pack(("XADD", audit_stream.STREAM, "MAXLEN", "~", 123, "*",
+                                                  audit_stream.FIELD, "x"))
+
+
+# -- identity: the token cache's TLRU against cachetools.TLRUCache ------------------------------------
+
+def test_tlru_answers_what_cachetools_tlru_answers():
+    import cachetools
+
+    from authz_plugin.identity._cache import TLRU
+
+    rnd = random.Random(6)
+    for maxsize in (1, 2, 3, 5, 8):
+        now = [1000.0]
+        clock = lambda: now[0]  # noqa: E731
+        ttu = lambda _k, v, t: t + min(10.0, v - t)  # noqa: E731 -- TokenCache's: min(ttl, expires_at - now)
+        ours, theirs = TLRU(maxsize, ttu, clock), cachetools.TLRUCache(maxsize, ttu, timer=clock)
+        keys = [f"k{i}" for i in range(maxsize * 2 + 2)]
+        for step in range(4000):
+            op, key = rnd.random(), rnd.choice(keys)
+            if op < 0.35:
+                value = now[0] + rnd.choice((-1.0, 0.0, 0.5, 3.0, 8.0, 30.0))  # an expires_at, some already past
+                ours[key] = theirs[key] = value
+            elif op < 0.75:
+                assert ours.get(key) == theirs.get(key), (maxsize, step, key)
+            elif op < 0.8:
+                assert ours.pop(key, None) == theirs.pop(key, None), (maxsize, step, key)
+            else:
+                now[0] += rnd.choice((0.1, 0.5, 1.0, 2.0, 4.0))
+            assert len(ours) == len(theirs), (maxsize, step)
+        live = sorted(k for k in keys if theirs.get(k) is not None)
+        assert sorted(k for k in keys if ours.get(k) is not None) == live
+        assert len(ours) <= maxsize
+
+
+def test_tlru_refuses_a_zero_size():
+    from authz_plugin.identity._cache import TLRU
+
+    with pytest.raises(ValueError):
+        TLRU(0, lambda k, v, t: t + 1, time.time)
+    one = TLRU(1, lambda k, v, t: t + 1, time.time)
+    one["a"] = 1
+    one["b"] = 2
+    assert (one.get("a"), one.get("b"), len(one)) == (None, 2, 1)
