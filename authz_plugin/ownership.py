@@ -432,21 +432,19 @@ class Store:
         """Resolve ``(kind, ref, may_be_prefix)`` triples in one round trip."""
         if not refs:
             return []
-
-        def args(kind, ref, pfx):
-            return [kind, ref, PREFIX_LIMIT, "1" if pfx else "0", self.host]
-
-        def run():
-            if len(refs) == 1:
-                return [self._resolve(keys=[], args=args(*refs[0]))]
-            pipe = self.r.pipeline(transaction=False)
-            for kind, ref, pfx in refs:
-                self._resolve(keys=[], args=args(kind, ref, pfx), client=pipe)
-            return pipe.execute()
-
+        host = self.host
+        argvs = [(kind, ref, PREFIX_LIMIT, "1" if pfx else "0", host) for kind, ref, pfx in refs]
         if self.lean is not None:
-            raws = self._call(self.lean.evalsha_many, _RESOLVE_SCRIPT, [args(*r) for r in refs])
+            raws = self._call(self.lean.evalsha_many, _RESOLVE_SCRIPT, argvs)
         else:
+            def run():
+                if len(argvs) == 1:
+                    return [self._resolve(keys=[], args=list(argvs[0]))]
+                pipe = self.r.pipeline(transaction=False)
+                for argv in argvs:
+                    self._resolve(keys=[], args=list(argv), client=pipe)
+                return pipe.execute()
+
             raws = self._call(run)
         if not isinstance(raws, list) or len(raws) != len(refs):
             raise _malformed("resolve")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -72,6 +73,18 @@ def pack(args: Sequence[Any]) -> bytes:
     ``int``/``float`` their decimal text (as redis-py sends them), ``bytes``
     as they are."""
     return b"*%d\r\n" % len(args) + b"".join([_bulk(a) for a in args])
+
+
+def prefix(args: Sequence[Any], more: int) -> bytes:
+    """The packed start of a command of ``len(args) + more`` arguments:
+    ``args``, with ``more`` bulk strings (:func:`bulk`) still to follow.
+    ``prefix(a, 1) + bulk(x) == pack([*a, x])``: a batch of commands that
+    differ only in their last argument is packed once, not per command."""
+    return b"*%d\r\n" % (len(args) + more) + b"".join([_bulk(a) for a in args])
+
+
+#: one argument packed as :func:`pack` packs it (see :func:`prefix`)
+bulk = _bulk
 
 
 def error_of(reply: hiredis.ReplyError) -> redis.ResponseError:
@@ -165,7 +178,16 @@ class LeanRedis:
             raise redis.TimeoutError(f"Timeout connecting to {where}") from e
         except OSError as e:
             raise redis.ConnectionError(f"Error {e.errno} connecting to {where}. {e.strerror}.") from e
-        sock.settimeout(self.timeout)
+        # the kernel's timeouts on a blocking socket rather than settimeout():
+        # Python polls before every call on a socket with a timeout, two
+        # system calls more per round trip (a timeout then raises
+        # BlockingIOError, read as redis.TimeoutError in _roundtrip)
+        sock.setblocking(True)
+        secs, usecs = int(self.timeout), int((self.timeout % 1) * 1e6)
+        # (0, 0) would mean "no timeout" to the kernel: the least it takes instead
+        tv = struct.pack("ll", secs, usecs if secs or usecs else 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         conn = _Conn(sock)
         hello = []
         if self._password is not None:
@@ -229,7 +251,7 @@ class LeanRedis:
                     continue
                 out.append(reply)
             return out
-        except (socket.timeout, TimeoutError) as e:
+        except (socket.timeout, TimeoutError, BlockingIOError) as e:  # BlockingIOError: SO_RCVTIMEO/SO_SNDTIMEO
             raise redis.TimeoutError("Timeout reading from socket") from e
         except hiredis.ProtocolError as e:
             raise InvalidResponse(f"Protocol error: {e}") from e
@@ -246,6 +268,13 @@ class LeanRedis:
         if not commands:
             return []
         return self._send(len(commands), b"".join([pack(c) for c in commands]), retry)
+
+    def pipeline_packed(self, n: int, payload: bytes, retry: bool = False) -> list[Any]:
+        """:meth:`pipeline` of ``n`` commands already packed into ``payload``
+        (:func:`pack`, or :func:`prefix` and :func:`bulk`)."""
+        if not n:
+            return []
+        return self._send(n, payload, retry)
 
     def _send(self, n: int, payload: bytes, retry: bool) -> list[Any]:
         """Send ``payload`` (``n`` packed commands) and return their replies."""

@@ -54,6 +54,9 @@ MAX_HEAD = 64 << 10
 _STATUS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
            413: b"Payload Too Large", 500: b"Internal Server Error"}
 _MEDIA_TYPE = b"application/vnd.docker.plugins.v1.2+json"
+#: the lengths of the header names :meth:`Conn.read` reads (content-length,
+#: transfer-encoding, connection): any other header needs no lower-casing
+_READ_LENGTHS = frozenset(len(n) for n in (b"content-length", b"transfer-encoding", b"connection"))
 
 
 class BadRequest(Exception):
@@ -103,8 +106,10 @@ class Conn:
         keep = version == b"HTTP/1.1"
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
-            if not sep or not name or name != name.strip() or name[:1] in (b" ", b"\t"):
-                raise BadRequest(400, "bad header line")  # also obsolete line folding
+            if not sep or not name or name.strip() != name:
+                raise BadRequest(400, "bad header line")  # also obsolete line folding (leading white space)
+            if len(name) not in _READ_LENGTHS:
+                continue  # validated, and none of the three read below: most of the engine's headers
             name, value = name.lower(), value.strip()
             if name == b"content-length":
                 if length is not None or not value.isdigit():
