@@ -55,7 +55,9 @@ to :mod:`quota`; removing a record here also frees its charge.
 :meth:`Store.resolve` answers, in one round trip for any number of
 references, what the engine would resolve each to -- full id first, then an
 exact name, then a unique id prefix (moby's ``GetContainer`` and
-``FindNetwork`` order) -- and who owns it; for a reference it cannot find it
+``FindNetwork`` order) -- and who owns it.  A full id counts as one only on
+the host that holds it: ids are unique across hosts, but to another host's
+engine the string is just a name or a prefix to look up; for a reference it cannot find it
 also says whether this host's records are complete (a reconcile has run
 since Redis last lost its data), so that an unknown reference is answered
 "retry" rather than "no such" while ownership is being rebuilt.
@@ -133,7 +135,11 @@ if kind == 'exec' then
   return {'none', complete(host)}
 end
 local owner = redis.call('HGET', 'fdcs:own:' .. kind, ref)
-if owner then return {'id', ref, owner} end
+-- a full id counts only on its own host: on another one the engine finds
+-- no such id and goes on to a name and an id prefix, as below
+if owner and (kind == 'volume' or redis.call('HGET', 'fdcs:host:' .. kind, ref) == host) then
+  return {'id', ref, owner}
+end
 if kind == 'volume' then return {'none', complete(host)} end
 local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
@@ -151,7 +157,10 @@ return out
 
 _TENANT_REF = """
 local kind, tenant, ref, scoped, limit, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-if redis.call('HGET', 'fdcs:own:' .. kind, ref) == tenant then return {'id', ref} end
+if redis.call('HGET', 'fdcs:own:' .. kind, ref) == tenant
+   and (kind == 'volume' or redis.call('HGET', 'fdcs:host:' .. kind, ref) == host) then
+  return {'id', ref}
+end
 if kind == 'volume' then return {'name', scoped} end
 if redis.call('HEXISTS', 'fdcs:names:' .. kind .. ':' .. host, scoped) == 1 then return {'name', scoped} end
 local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)

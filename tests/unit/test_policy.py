@@ -635,3 +635,25 @@ def test_an_explicit_log_driver_needs_max_size(authz):
            match="max-size is required")
     allowed(authz, "POST", f"{V}/containers/create", good(LogConfig={"Type": "local", "Config": {"max-size": "5m"}}))
     allowed(authz, "POST", f"{V}/containers/create", good(LogConfig={"Type": "", "Config": {}}))
+
+
+def test_a_full_id_counts_only_on_its_own_host(authz, store, store_h2):
+    """A full id of another host's container is, to this host's engine, a
+    name and a prefix like any other string (moby's GetContainer: id, name,
+    prefix): an unowned container of this host named like it must not be
+    reached through the owner's record on the other host."""
+    store_h2.add("container", CID, TA, f"{TA}_web")  # alice's, on h2
+    # positive control: on its own host the full id is alice's
+    assert store_h2.resolve([("container", CID, True)])[0].owned_by(TA)
+    # on h1 nothing is known by that id...
+    res = store.resolve([("container", CID, True)])[0]
+    assert res.how == "none" and not res.owned_by(TA)
+    denied(authz, "GET", f"{V}/containers/{CID}/json", match="No such container")
+    # ...and an unowned container of h1 named like the id is nobody's
+    store.set_unowned_names({"container": {CID}})
+    res = store.resolve([("container", CID, True)])[0]
+    assert res.how == "name" and not res.owned_by(TA)
+    denied(authz, "GET", f"{V}/containers/{CID}/json", match="No such container")
+    # the scoper's translation reads the same: not alice's id on h1
+    assert store.tenant_ref("container", TA, CID, f"{TA}_{CID}")[0] != "id"
+    assert store_h2.tenant_ref("container", TA, CID, f"{TA}_{CID}") == ("id", CID)
