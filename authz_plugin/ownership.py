@@ -57,8 +57,8 @@ references, what the engine would resolve each to -- full id first, then an
 exact name, then a unique id prefix (moby's ``GetContainer`` and
 ``FindNetwork`` order) -- and who owns it.  A full id counts as one only on
 the host that holds it: ids are unique across hosts, but to another host's
-engine the string is just a name or a prefix to look up; for a reference it cannot find it
-also says whether this host's records are complete (a reconcile has run
+engine the string is just a name or a prefix to look up.  For a reference
+it cannot find it also says whether this host's records are complete (a reconcile has run
 since Redis last lost its data), so that an unknown reference is answered
 "retry" rather than "no such" while ownership is being rebuilt.
 
@@ -114,6 +114,15 @@ local function complete(host)
 end
 """
 
+# true when the record of full id ``id`` is on ``host`` (a volume: anywhere).
+# A full id counts only on its own host: to another host's engine it is a
+# string to find as a name, then as an id prefix (moby's GetContainer order)
+_HERE = """
+local function here(kind, id, host)
+  return kind == 'volume' or redis.call('HGET', 'fdcs:host:' .. kind, id) == host
+end
+"""
+
 #: Lua: ``complete(host)`` (above) and ``settled(settle)``: true when
 #: ``settle`` < 0 or ``settle`` seconds have gone by since the first complete
 #: reconcile on this Redis run (what cross-host state -- names, quota usage --
@@ -127,7 +136,7 @@ local function settled(settle)
 end
 """
 
-_RESOLVE = _READY + """
+_RESOLVE = _READY + _HERE + """
 local kind, ref, limit, host = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[5]
 if kind == 'exec' then
   local v = redis.call('GET', 'fdcs:exec:' .. ref)
@@ -135,11 +144,7 @@ if kind == 'exec' then
   return {'none', complete(host)}
 end
 local owner = redis.call('HGET', 'fdcs:own:' .. kind, ref)
--- a full id counts only on its own host: on another one the engine finds
--- no such id and goes on to a name and an id prefix, as below
-if owner and (kind == 'volume' or redis.call('HGET', 'fdcs:host:' .. kind, ref) == host) then
-  return {'id', ref, owner}
-end
+if owner and here(kind, ref, host) then return {'id', ref, owner} end
 if kind == 'volume' then return {'none', complete(host)} end
 local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
@@ -155,12 +160,9 @@ end
 return out
 """
 
-_TENANT_REF = """
+_TENANT_REF = _HERE + """
 local kind, tenant, ref, scoped, limit, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
-if redis.call('HGET', 'fdcs:own:' .. kind, ref) == tenant
-   and (kind == 'volume' or redis.call('HGET', 'fdcs:host:' .. kind, ref) == host) then
-  return {'id', ref}
-end
+if redis.call('HGET', 'fdcs:own:' .. kind, ref) == tenant and here(kind, ref, host) then return {'id', ref} end
 if kind == 'volume' then return {'name', scoped} end
 if redis.call('HEXISTS', 'fdcs:names:' .. kind .. ':' .. host, scoped) == 1 then return {'name', scoped} end
 local ids = redis.call('ZRANGEBYLEX', 'fdcs:ids:' .. kind .. ':' .. host, '[' .. ref, '[' .. ref .. '\\255', 'LIMIT', 0, limit)

@@ -110,8 +110,7 @@ class Script:
         arguments (the keys among them)."""
         h = self._heads.get((nargs, nkeys))
         if h is None:
-            h = self._heads[(nargs, nkeys)] = (b"*%d\r\n" % (nargs + 3)
-                                               + b"".join([_bulk(a) for a in ("EVALSHA", self.sha, nkeys)]))
+            h = self._heads[(nargs, nkeys)] = prefix(("EVALSHA", self.sha, nkeys), nargs)
         return h
 
 

@@ -218,12 +218,11 @@ async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers
         # let the plugin refuse with its own message
         return Exchange(method, target, headers, request_body="stream",
                         response=Response(scope, ctx.api_version))
-    ep = endpoints.match(req.method, req.path)
+    ep, params = endpoints.match_params(req.method, req.path)  # one regex match for both
     cap = ctx.api_version
     passthru = Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))
     if ep is None:
         return passthru
-    params = endpoints.params(ep, req.path)
     query = list(req.query)
     path = req.path
     ex = Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))
