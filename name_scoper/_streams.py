@@ -265,23 +265,30 @@ class TLSStream:
         parts: list[bytes] = []
         total = 0
         obj = self._obj
+        inbio = self._in
         while True:
-            try:
-                data = obj.read(RECV_SIZE)
-            except ssl.SSLWantReadError:
+            # Nothing buffered to decrypt: what read() would say with an
+            # exception (one per request), known from the buffers.
+            want = not (inbio.pending or inbio.eof or obj.pending())
+            if not want:
+                try:
+                    data = obj.read(RECV_SIZE)
+                except ssl.SSLWantReadError:  # a partial record
+                    want = True
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                except ssl.SSLError as e:
+                    raise StreamClosed(f"TLS error: {e.reason or e}") from e
+            if want:
                 if parts:
                     break
                 self._flush()  # post-handshake messages (key updates) to answer
                 chunk = await self.raw.recv()
                 if chunk:
-                    self._in.write(chunk)
+                    inbio.write(chunk)
                 else:
-                    self._in.write_eof()
+                    inbio.write_eof()
                 continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""
-            except ssl.SSLError as e:
-                raise StreamClosed(f"TLS error: {e.reason or e}") from e
             if not data:
                 self._eof = True
                 break

@@ -70,11 +70,24 @@ def _hdict(headers: Headers) -> dict[str, str]:
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
 
 
+#: what ``_target`` leaves unescaped in a path: quote()'s always-safe characters and its ``safe``
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+_PATH_UNCHANGED = re.compile(r"[A-Za-z0-9" + re.escape(_PATH_SAFE) + r"]*")
+
+
 def _target(version: str | None, path: str, query: list[tuple[str, str]]) -> str:
-    t = (f"/v{version}" if version else "") + urllib.parse.quote(path, safe="/:@!$&'()*+,;=-._~")
+    # a path of safe characters only (every scoped name) is its own quoting
+    t = (f"/v{version}" if version else "") + (
+        path if _PATH_UNCHANGED.fullmatch(path) else urllib.parse.quote(path, safe=_PATH_SAFE))
     if query:
         t += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
     return t
+
+
+@functools.lru_cache(maxsize=32)  # the engine's one version, the configured cap
+def _capped(version: bytes, cap: str) -> bytes:
+    """The ``Api-Version`` header value the client sees: the engine's, at most ``cap``."""
+    return rewrite.version_cap(version.decode(), cap).encode()
 
 
 class Response:
@@ -91,13 +104,15 @@ class Response:
         self.not_owned_status = not_owned_status
 
     def head(self, status: int, headers: Headers) -> tuple[str, Headers]:
+        """(how to treat the body, the headers to pass on) of the engine's
+        answer; ``headers``: (lower-case name, value) pairs, as ``http1``
+        parses them."""
         out = []
         is_json = False
         for k, v in headers:
-            lk = k.lower()
-            if lk == b"api-version":
-                v = rewrite.version_cap(v.decode(), self.api_cap).encode()
-            if lk == b"content-type" and v.split(b";")[0].strip() == b"application/json":
+            if k == b"api-version":
+                v = _capped(v, self.api_cap)
+            elif k == b"content-type" and v.split(b";")[0].strip() == b"application/json":
                 is_json = True
             out.append((k, v))
         if status >= 400:
@@ -188,8 +203,60 @@ async def _tenant_counts(scope: Scope, engine: Engine) -> dict[str, int]:
             "ContainersStopped": len(items) - states.count("running") - states.count("paused")}
 
 
+#: the API versions a tenant may name (parse_request's bounds)
+_MIN_API, _MAX_API = "1.12", "9.99"
+#: the commonest tenant reads, exactly: ``GET /vX.Y/containers/<name>/json``
+#: (docker inspect, compose's polling) and ``GET /vX.Y/containers/json``
+#: (docker ps; ``?all=1``: ps -a) -- a canonical version within the bounds,
+#: a plain name, no other query
+_FAST_VERSION = r"/v(1\.(?:1[2-9]|[2-9][0-9]|[1-9][0-9]{2}))"
+_FAST_INSPECT = re.compile(_FAST_VERSION + r"/containers/([A-Za-z0-9][A-Za-z0-9_.-]{0,199})/json")
+_FAST_LIST = re.compile(_FAST_VERSION + r"/containers/json(\?all=1)?")
+
+
+def _fast_read(ctx: Context, scope: Scope, target: str, headers: Headers) -> Exchange | None:
+    """The exchange of one of the commonest reads (``_FAST_INSPECT``,
+    ``_FAST_LIST``) without the general parse, or None for anything else
+    (then :func:`_prepare_general` decides).  The same exchange as the
+    general path gives: a differential test holds the two equal.
+
+    Only for a request without a ``Content-Type`` (the general path would
+    check it) and with a name that cannot be read as an id (those are
+    resolved in Redis)."""
+    for k, _ in headers:
+        if k == b"content-type":
+            return None
+    m = _FAST_INSPECT.fullmatch(target)
+    if m is not None:
+        name = m.group(2)
+        if looks_like_id(name):
+            return None
+        return Exchange("GET", f"/v{m.group(1)}/containers/{scope.name(name)}/json", headers,
+                        request_body="stream",
+                        response=Response(scope, ctx.api_version, lambda b: rewrite.container_inspect(b, scope)))
+    m = _FAST_LIST.fullmatch(target)
+    if m is None:
+        return None
+
+    def owned(ids: list[str]) -> set[str]:
+        return _owned_containers(ctx, scope, ids)
+    return Exchange("GET", _list_target(scope.tenant, m.group(1), bool(m.group(2))), headers,
+                    request_body="stream",
+                    response=Response(scope, ctx.api_version, lambda b: rewrite.container_list(b, scope, owned)))
+
+
+@functools.lru_cache(maxsize=1024)  # a tenant's list target: the same text on every docker ps
+def _list_target(tenant: str, version: str, all_: bool) -> str:
+    """The target of ``GET /v<version>/containers/json[?all=1]`` for ``tenant``:
+    the tenant label filter added, as the general path writes it."""
+    query = [("all", "1")] if all_ else []
+    query.append(("filters", rewrite.filters([], Scope(tenant), "containers")))
+    return _target(version, "/containers/json", query)
+
+
 async def prepare(ctx: Context, ident, method: str, target: str, headers: Headers, engine: Engine) -> Exchange:
-    """The exchange for one authenticated tenant request (see module doc)."""
+    """The exchange for one authenticated tenant request (see module doc);
+    ``headers``: (lower-case name, value) byte pairs, as ``http1`` parses them."""
     if ident.is_admin:
         return Exchange(method, target, headers, request_body="stream")
     try:
@@ -200,29 +267,38 @@ async def prepare(ctx: Context, ident, method: str, target: str, headers: Header
 
 async def _prepare(ctx: Context, scope: Scope, method: str, target: str, headers: Headers,
                    engine: Engine) -> Exchange:
+    auth = [v for k, v in headers if k == b"x-registry-auth"]  # lower-case names (http1)
+    if auth:
+        if any(rewrite.registry_auth_has_credentials(v.decode("latin-1")) for v in auth):
+            return Exchange(method, target, headers, reject=(
+                403, "registry credentials (X-Registry-Auth) are not accepted: images are shared by all "
+                     "tenants, so only public images from the allowed registries can be pulled"))
+        headers = [(hk, hv) for hk, hv in headers if hk != b"x-registry-auth"]
+    if method == "GET":
+        fast = _fast_read(ctx, scope, target, headers)
+        if fast is not None:
+            return fast
+    return await _prepare_general(ctx, scope, method, target, headers, engine)
+
+
+async def _prepare_general(ctx: Context, scope: Scope, method: str, target: str, headers: Headers,
+                           engine: Engine) -> Exchange:
+    """:func:`_prepare` for any request (headers already cleared of registry auth)."""
     hd = _hdict(headers)
-    for k, v in hd.items():
-        if k.lower() == "x-registry-auth":
-            if rewrite.registry_auth_has_credentials(v):
-                return Exchange(method, target, headers, reject=(
-                    403, "registry credentials (X-Registry-Auth) are not accepted: images are shared by all "
-                         "tenants, so only public images from the allowed registries can be pulled"))
-            headers = [(hk, hv) for hk, hv in headers if hk.lower() != b"x-registry-auth"]
     if method == "GET" and _ADMIN_INSPECT.match(target):
         # untyped `docker inspect` tries every object type in turn and moves
         # on only after a 404: answer these as missing, not as refused.
         return Exchange(method, target, headers, reject=(404, "No such object"))
     try:
-        req = parse_request(method, target, hd, None, "1.12", "9.99")
+        req = parse_request(method, target, hd, None, _MIN_API, _MAX_API)
     except BadRequest:
         # let the plugin refuse with its own message
         return Exchange(method, target, headers, request_body="stream",
                         response=Response(scope, ctx.api_version))
     ep, params = endpoints.match_params(req.method, req.path)  # one regex match for both
     cap = ctx.api_version
-    passthru = Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))
     if ep is None:
-        return passthru
+        return Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))
     query = list(req.query)
     path = req.path
     ex = Exchange(method, target, headers, request_body="stream", response=Response(scope, cap))

@@ -151,11 +151,20 @@ class _AuthHeaders(Mapping[str, str]):
     value it would call an invalid token ("run fdcs-login").
     """
 
+    __slots__ = ("_pairs", "_map")
+
     def __init__(self, headers: Headers):
-        self._pairs = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers]
-        self._joined: dict[str, str] = {}
-        for k, v in self._pairs:
-            self._joined[k] = f"{self._joined[k]}, {v}" if k in self._joined else v
+        self._pairs = tuple([(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers])
+        self._map: dict[str, str] | None = None  # made at the first lookup (the identity only scans)
+
+    @property
+    def _joined(self) -> dict[str, str]:
+        if self._map is None:
+            joined: dict[str, str] = {}
+            for k, v in self._pairs:
+                joined[k] = f"{joined[k]}, {v}" if k in joined else v
+            self._map = joined
+        return self._map
 
     def __getitem__(self, key: str) -> str:
         return self._joined[key]
@@ -167,7 +176,7 @@ class _AuthHeaders(Mapping[str, str]):
         return len(self._joined)
 
     def items(self):  # type: ignore[override]
-        return list(self._pairs)
+        return self._pairs  # a tuple: read-only
 
 
 class _Record:

@@ -741,3 +741,32 @@ def test_devstack_gives_each_host_its_own_metrics_ports(tmp_path):
     h1 = stack.layout.host(1)
     assert _metrics_listen(ports, "authz", h1) == f"127.0.0.1:{ports['metrics-authz-h1']}"
     assert _metrics_listen({}, "authz", h1) == ""  # never the fixed defaults
+
+
+def test_scoper_request_steps_are_applied_by_a_scrape_or_when_many_wait(active, monkeypatch):
+    m = active("scoper")
+    r = m.registry
+    rq = "fdcs_scoper_requests_total"
+    metrics.scoper_request("GET", "/v1.41/containers/web/json", 200, 0.002, 0, 10)
+    metrics.scoper_request("GET", "/v1.41/containers/web/json", 200, 0.004, 0, 5)
+    metrics.scoper_request("POST", "/v1.41/containers/create", 404, None, 7, 0)
+    metrics.identity_event("hits")
+    assert len(m.pending) == 4  # queued, not applied on the request path
+    # a scrape applies what waits before it collects: nothing is missed
+    assert value(r, rq, method="read", endpoint="containers", status="2xx") == 2
+    assert value(r, rq, method="write", endpoint="containers", status="4xx") == 1
+    assert value(r, "fdcs_scoper_request_duration_seconds_count", endpoint="containers") == 2
+    assert value(r, "fdcs_scoper_request_duration_seconds_sum", endpoint="containers") == pytest.approx(0.006)
+    assert value(r, "fdcs_scoper_request_duration_seconds_bucket", endpoint="containers", le="0.0025") == 1
+    assert value(r, "fdcs_scoper_received_bytes_total") == 7
+    assert value(r, "fdcs_scoper_sent_bytes_total") == 15
+    assert value(r, "fdcs_identity_events_total", event="hit") == 1
+    assert not m.pending
+    # without a scrape, the request path applies them once SCOPER_PENDING_MAX wait
+    monkeypatch.setattr(metrics, "SCOPER_PENDING_MAX", 4)
+    child = m.request_children[("read", "containers", "2xx")]
+    for _ in range(3):
+        metrics.scoper_request("GET", "/v1.41/containers/json", 200, 0.001, 0, 0)
+    assert child._value.get() == 2 and len(m.pending) == 3
+    metrics.scoper_request("GET", "/v1.41/containers/json", 200, 0.001, 0, 0)
+    assert child._value.get() == 6 and not m.pending

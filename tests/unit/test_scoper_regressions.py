@@ -132,7 +132,8 @@ def _prepare(method: str, target: str, headers: dict | None = None, engine=None)
     async def no_engine(method, target, body=None):
         raise AssertionError(f"unexpected engine sub-request {method} {target}")
 
-    hdrs = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    # as the proxy hands them over: http1's (lower-case name, value) byte pairs
+    hdrs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     ctx = _Ctx().inner
     ctx.default_networks[TENANT] = float("inf")  # the default network is known to exist
     return asyncio.run(prepare(ctx, _Ident(), method, target, hdrs, engine or no_engine))
@@ -184,6 +185,15 @@ def test_the_clis_empty_registry_auth_is_not_refused():
     creds = "eyJ1c2VybmFtZSI6ImEiLCJwYXNzd29yZCI6ImIifQ=="  # {"username":"a","password":"b"}
     ex = _prepare("POST", "/v1.41/images/create?fromImage=busybox&tag=latest", {"X-Registry-Auth": creds})
     assert ex.reject is not None and ex.reject[0] == 403
+    # credentials in any of several such headers are refused, the empty ones passed on as none
+    from name_scoper.handlers import prepare
+    ctx = _Ctx().inner
+    for values, refused in (([b"e30=", b"e30="], False), ([b"e30=", creds.encode()], True),
+                            ([creds.encode(), b"e30="], True)):
+        hdrs = [(b"x-registry-auth", v) for v in values]
+        ex = asyncio.run(prepare(ctx, _Ident(), "POST", "/v1.41/images/create?fromImage=busybox", hdrs, None))
+        assert (ex.reject is not None and ex.reject[0] == 403) is refused, (values, ex.reject)
+        assert refused or not [n for n, _ in ex.headers if n == b"x-registry-auth"]
 
 
 def test_the_default_network_is_made_again_after_the_tenant_prunes_it():
