@@ -241,6 +241,9 @@ class _Client:
         self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_expired = False
+        #: (the identity's headers, as sent; the identity they got): asked
+        #: again only whether it still holds (ScoperServer.reuse_identity)
+        self._auth: tuple[tuple, Any] | None = None
 
     # -- client side I/O ----------------------------------------------------------
 
@@ -426,7 +429,6 @@ class _Client:
         rid = rid or logfmt.new_request_id()
         rec.rid = rid
         headers.append((b"x-request-id", rid.encode()))
-        auth = _AuthHeaders(headers)
 
         # -- who is asking --------------------------------------------------------------
         # Anyone may ping (the plugin allows it too): clients negotiate the API
@@ -435,8 +437,17 @@ class _Client:
         ping = method in ("GET", "HEAD") and not chunked and not cl and _PING.fullmatch(target)
         ident = None
         if not ping:
+            # A kept-alive connection repeats its credentials: the same
+            # headers get the same identity while the identity's cache holds it.
+            creds = tuple([p for p in headers if p[0] in s.credential_headers])
             try:
-                ident = await s.authenticate(auth, self.peer)
+                if self._auth is not None and self._auth[0] == creds and s.reuse_identity(self._auth[1]):
+                    ident = self._auth[1]
+                else:
+                    self._auth = None
+                    ident = await s.authenticate(_AuthHeaders(headers), self.peer)
+                    if s.reusable_identity(ident):
+                        self._auth = (creds, ident)
             except FdcsError as e:
                 return await self._answer(req, rec, e.status, str(e))
             except Exception:
@@ -897,6 +908,13 @@ class ScoperServer:
         # (IdentityService.authenticate_cached) spares a warm token the hop to
         # a worker thread; any other identity is always asked in a thread.
         self._cached_identity = getattr(identity, "authenticate_cached", None)
+        # An identity that can tell whether an answer it gave still holds
+        # (IdentityService.still_cached) is asked only that when a connection
+        # repeats the headers it read (header_names) with nothing changed.
+        self._still_cached = getattr(identity, "still_cached", None)
+        #: the request headers the identity's answer depends on
+        self.credential_headers: frozenset[bytes] = (
+            getattr(identity, "header_names", frozenset()) if self._still_cached is not None else frozenset())
         self.closing = False
         self._slots = asyncio.Semaphore(max_connections)
         self._sockets: list[socket.socket] = []
@@ -913,6 +931,17 @@ class ScoperServer:
                 return ident
         return await asyncio.get_running_loop().run_in_executor(
             self.executor, functools.partial(self.identity.authenticate, headers, source=peer))
+
+    def reusable_identity(self, ident) -> bool:
+        """Whether ``ident`` may be given again for the same headers while
+        :meth:`reuse_identity` says it holds (an identity from the token
+        cache; never the admin key's)."""
+        return self._still_cached is not None and bool(getattr(ident, "cache_key", ""))
+
+    def reuse_identity(self, ident) -> bool:
+        """Whether ``ident`` (:meth:`reusable_identity`) is still what the
+        identity answers for the headers it was given for."""
+        return self._still_cached(ident)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

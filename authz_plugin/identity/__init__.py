@@ -108,6 +108,9 @@ class Identity:
         default=_default_roles("keystone.member_roles"), compare=False, repr=False)
     reader_roles: frozenset[str] = dataclasses.field(
         default=_default_roles("keystone.reader_roles"), compare=False, repr=False)
+    #: the token cache's key this identity is kept under ("": not cached, e.g.
+    #: the admin key's); see :meth:`IdentityService.still_cached`
+    cache_key: str = dataclasses.field(default="", compare=False, repr=False)
 
     def may(self, method: str, path: str = "") -> bool:
         """May this identity send an HTTP ``method`` to ``path`` (the decoded
@@ -339,6 +342,29 @@ class IdentityService:
                 f"{', '.join(sorted(self._usable_roles))})")
         return ident
 
+    @property
+    def header_names(self) -> frozenset[bytes]:
+        """The request headers an answer depends on (lower case, latin-1)."""
+        return frozenset(h.encode("latin-1") for h in self._wanted_headers)
+
+    def still_cached(self, ident: Identity) -> bool:
+        """Whether ``ident``, answered by this service for some request
+        headers, is still the cache's answer for them: the same entry, kept,
+        its token unexpired.  Then :meth:`authenticate` would answer ``ident``
+        for the very same headers again, and it is counted as the cache hit
+        it is.  False: ask :meth:`authenticate` (or
+        :meth:`authenticate_cached`).  Never waits on I/O, only on the
+        cache's lock.
+
+        For a caller that sees the same headers again and again (the name
+        scoper, on one kept-alive connection): the same answer without
+        reading and checking them, and hashing the token, every time."""
+        key = ident.cache_key
+        if not key or self._cache.get(key) is not ident or ident.expires_at <= self._clock():
+            return False
+        self._count("hits")
+        return True
+
     def stats(self) -> dict[str, int]:
         """Counters since start: ``hits``, ``misses``, ``negative_hits``,
         ``keystone_calls``, ``rejected``, ``unavailable``, ``rate_limited``,
@@ -424,6 +450,7 @@ class IdentityService:
                 self._count("unavailable")
             raise
         self._limiter.refund(source)
+        ident = dataclasses.replace(ident, cache_key=key)
         self._cache.put(key, ident)
         LOG.debug("token %s validated: user %s project %s", token_handle(token),
                   ident.user_id, ident.project_id)

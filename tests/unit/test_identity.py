@@ -7,6 +7,7 @@ Time is a FakeClock shared by the service and the fake, never a sleep.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -298,6 +299,36 @@ def test_cache_key_is_a_sha256_digest_never_the_token(ks, svc, w):
     assert hashlib.sha256(f"{token}\0{w.demo}".encode()).hexdigest() in keys
     assert hashlib.sha256(b"bogus-token\0").hexdigest() in keys
     assert not any(token in k or "bogus" in k for k in keys)
+
+
+def test_still_cached_holds_exactly_while_the_cache_would_answer_the_same(ks, clock, w):
+    svc = make(ks, clock, w, cache_ttl=300)
+    token = ks.issue(w.alice, w.demo, expires_in=1000)
+    ident = auth(svc, token, w.demo)
+    assert ident.cache_key and svc.still_cached(ident)
+    hits = svc.stats()["hits"]
+    assert svc.still_cached(ident) and svc.stats()["hits"] == hits + 1  # counted as the hit it is
+    assert auth(svc, token, w.demo) is ident                           # what authenticate answers
+    # not an answer of the cache: no
+    assert not svc.still_cached(dataclasses.replace(ident, cache_key=""))
+    assert not svc.still_cached(dataclasses.replace(ident))          # an equal object, not the entry
+    # the entry's time is up (cache TTL): no, and authenticate asks Keystone again
+    clock.advance(300)
+    assert not svc.still_cached(ident)
+    again = auth(svc, token, w.demo)
+    assert again is not ident and again == ident and ks.count() == 2
+    assert not svc.still_cached(ident) and svc.still_cached(again)     # the new entry, not the old one
+    # the token's own expiry: no, and authenticate refuses it
+    clock.advance(701)
+    assert not svc.still_cached(again)
+    with pytest.raises(AuthenticationError):
+        auth(svc, token, w.demo)
+
+
+def test_the_headers_an_answer_depends_on_are_named(ks, clock, w):
+    assert make(ks, clock, w).header_names == frozenset({b"x-auth-token", b"x-auth-tenantid", b"x-fdcs-admin-key"})
+    assert make(ks, clock, w, admin_key_header="X-Break-Glass").header_names == frozenset(
+        {b"x-auth-token", b"x-auth-tenantid", b"x-break-glass"})
 
 
 def test_cache_is_bounded(ks, clock, w):

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import types
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -1381,6 +1382,75 @@ def test_a_cached_identity_is_answered_on_the_loop_and_a_miss_in_a_thread(engine
         assert c.response()[0] == 401 and engine.count == 2 and len(ident.threads) == 2
     finally:
         c.close()
+        loop_thread.run(srv.close(1.0))
+
+
+class _RecheckingIdentity(_CachingIdentity):
+    """A token cache whose answers say whether they still hold
+    (IdentityService.still_cached): tok-a's and tok-b's do while ``holds``."""
+
+    header_names = frozenset({b"x-auth-token", b"x-auth-tenantid", b"x-fdcs-admin-key"})
+
+    def __init__(self):
+        super().__init__()
+        self.holds = True
+        self.rechecked = 0
+        self.answers = {t: types.SimpleNamespace(user_name=i.user_name, project_id=i.project_id,
+                                                 cache_key=f"key-{t}") for t, i in self.TOKENS.items()}
+
+    def authenticate_cached(self, headers, source=""):
+        got = super().authenticate_cached(headers, source)
+        return got and self.answers["tok-a"]
+
+    def authenticate(self, headers, source=""):
+        got = super().authenticate(headers, source)
+        return self.answers["tok-b"] if got is self.TOKENS["tok-b"] else got
+
+    def still_cached(self, ident):
+        self.rechecked += 1
+        return self.holds
+
+
+def test_a_connection_repeating_its_credentials_is_only_asked_whether_its_identity_holds(engine, loop_thread, tls):
+    ident = _RecheckingIdentity()
+    srv = loop_thread.run(serve(ident, engine_socket=engine.path,
+                                ssl_context=server_context(tls.server_cert, tls.server_key)))
+    c, other = Client(srv.port, tls), Client(srv.port, tls)
+    tenant = {"X-Auth-TenantId": "a" * 32}
+    try:
+        c.send(build("GET", "/v1.41/version", tenant))
+        assert c.response()[0] == 200 and len(ident.cached_threads) == 1 and ident.rechecked == 0
+        # the same credentials again: the identity is only asked whether its answer holds
+        for n in (1, 2):
+            c.send(build("GET", "/v1.41/version", tenant))
+            assert c.response()[0] == 200 and len(ident.cached_threads) == 1 and ident.rechecked == n
+        # control: it no longer holds -> the identity decides afresh, and that answer is kept
+        ident.holds = False
+        c.send(build("GET", "/v1.41/version", tenant))
+        assert c.response()[0] == 200 and len(ident.cached_threads) == 2 and ident.rechecked == 3
+        ident.holds = True
+        # other credentials on the same connection, or the same value twice: decided afresh
+        c.send(build("GET", "/v1.41/version"))  # no tenant header
+        assert c.response()[0] == 200 and len(ident.cached_threads) == 3 and ident.rechecked == 3
+        c.send(build("GET", "/v1.41/version", tenant, token="tok-bad"))
+        assert c.response()[0] == 401 and len(ident.cached_threads) == 4
+        c.send(build("GET", "/v1.41/version", tenant, token="tok-bad"))  # a refusal is never kept
+        assert c.response()[0] == 401 and len(ident.cached_threads) == 5 and ident.rechecked == 3
+        c.send(b"GET /v1.41/version HTTP/1.1\r\nHost: d\r\nX-Auth-Token: tok-a\r\nx-auth-token: tok-a\r\n\r\n")
+        assert c.response()[0] == 200 and len(ident.cached_threads) == 6 and ident.rechecked == 3
+        # a miss decided in a thread (tok-b) is kept too
+        c.send(build("GET", "/v1.41/version", token="tok-b"))
+        assert c.response()[0] == 200 and len(ident.threads) == 1 and len(ident.cached_threads) == 7
+        c.send(build("GET", "/v1.41/version", token="tok-b"))
+        assert c.response()[0] == 200 and len(ident.threads) == 1 and len(ident.cached_threads) == 7
+        assert ident.rechecked == 4
+        # another connection keeps its own
+        other.send(build("GET", "/v1.41/version", token="tok-b"))
+        assert other.response()[0] == 200 and len(ident.cached_threads) == 8 and len(ident.threads) == 2
+        assert engine.count == 9  # all but the two refusals
+    finally:
+        c.close()
+        other.close()
         loop_thread.run(srv.close(1.0))
 
 
