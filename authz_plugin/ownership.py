@@ -143,8 +143,12 @@ if kind == 'exec' then
   if v then return {'id', ref, string.match(v, '^(%S+)')} end
   return {'none', complete(host)}
 end
-local owner = redis.call('HGET', 'fdcs:own:' .. kind, ref)
-if owner and here(kind, ref, host) then return {'id', ref, owner} end
+-- a container's id is 64 hex digits (moby's stringid): a shorter or longer
+-- reference is never one to its engine, so its record is not read
+if kind ~= 'container' or #ref == 64 then
+  local owner = redis.call('HGET', 'fdcs:own:' .. kind, ref)
+  if owner and here(kind, ref, host) then return {'id', ref, owner} end
+end
 if kind == 'volume' then return {'none', complete(host)} end
 local id = redis.call('HGET', 'fdcs:names:' .. kind .. ':' .. host, ref)
 if id then return {'name', id, redis.call('HGET', 'fdcs:own:' .. kind, id) or ''} end
@@ -327,11 +331,14 @@ class Resolution:
     def owned_by(self, tenant: str) -> bool:
         """True when the engine's target is certainly ``tenant``'s: every
         resource the reference could reach belongs to it."""
-        if self.how == "none" or not self.matches:
+        matches = self.matches
+        if self.how == "none" or not matches:
             return False
-        if self.how == "prefix" and len(self.matches) >= PREFIX_LIMIT:
+        if len(matches) == 1:  # an id, a name, a unique prefix
+            return matches[0][1] == tenant
+        if self.how == "prefix" and len(matches) >= PREFIX_LIMIT:
             return False
-        return all(owner == tenant for _, owner in self.matches)
+        return all(owner == tenant for _, owner in matches)
 
     @property
     def target(self) -> str | None:
@@ -358,6 +365,11 @@ _RESOLVE_SCRIPT = resp.Script(_RESOLVE)
 _HOWS = frozenset({"id", "name", "prefix"})
 
 
+def _resolve_head(kind: str) -> bytes:
+    """The packed start of a resolve: ``EVALSHA <sha> 0 <kind>`` of five arguments."""
+    return _RESOLVE_SCRIPT.head(5) + resp.bulk(kind)
+
+
 def _malformed(what: str) -> StoreUnavailable:
     metrics.redis_error()
     log.error("redis answered %s with a reply of an unexpected shape (another FDCS version's scripts? "
@@ -369,6 +381,17 @@ def _malformed(what: str) -> StoreUnavailable:
 def resolution(raw) -> Resolution:
     """One ``_RESOLVE`` reply as a :class:`Resolution`; a reply of any other
     shape raises :class:`StoreUnavailable` (the caller denies)."""
+    if type(raw) is list and len(raw) == 3:
+        # the common reply, one match (id, name, a unique prefix), in one
+        # step; what the general checks below would accept, and nothing else
+        how, id_, owner = raw
+        if how in _HOWS and type(id_) is str and type(owner) is str:
+            return Resolution(how, ((id_, owner),))
+    return _resolution(raw)
+
+
+def _resolution(raw) -> Resolution:
+    """:func:`resolution` of any reply, every shape checked."""
     if isinstance(raw, list) and raw:
         how, rest = raw[0], raw[1:]
         if how == "none" and len(rest) <= 1:
@@ -425,6 +448,11 @@ class Store:
         self._complete = client.register_script(_COMPLETE)
         self._settled = client.register_script(_SETTLED)
         self._drop_charge = client.register_script(_DROP_CHARGE)
+        # the lean resolve's packed constants: EVALSHA's head and the kind
+        # before the reference; PREFIX_LIMIT, the prefix flag and the host after
+        self._resolve_heads = {kind: _resolve_head(kind) for kind in (*KINDS, "exec")}
+        self._resolve_tails = {pfx: resp.bulk(PREFIX_LIMIT) + resp.bulk("1" if pfx else "0") + resp.bulk(host)
+                               for pfx in (False, True)}
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Store":
@@ -443,11 +471,21 @@ class Store:
         """Resolve ``(kind, ref, may_be_prefix)`` triples in one round trip."""
         if not refs:
             return []
-        host = self.host
-        argvs = [(kind, ref, PREFIX_LIMIT, "1" if pfx else "0", host) for kind, ref, pfx in refs]
         if self.lean is not None:
-            raws = self._call(self.lean.evalsha_many, _RESOLVE_SCRIPT, argvs)
+            # packed as evalsha_many packs (kind, ref, PREFIX_LIMIT, "1"|"0",
+            # host), the constant parts once per store: ~15 us less per hook
+            heads, tails = self._resolve_heads, self._resolve_tails
+            if len(refs) == 1:  # the hook's usual call
+                kind, ref, pfx = refs[0]
+                payload = (heads.get(kind) or _resolve_head(kind)) + resp.bulk(ref) + tails[bool(pfx)]
+            else:
+                payload = b"".join([(heads.get(kind) or _resolve_head(kind)) + resp.bulk(ref) + tails[bool(pfx)]
+                                    for kind, ref, pfx in refs])
+            raws = self._call(self.lean.evalsha_packed, _RESOLVE_SCRIPT, len(refs), payload)
         else:
+            host = self.host
+            argvs = [(kind, ref, PREFIX_LIMIT, "1" if pfx else "0", host) for kind, ref, pfx in refs]
+
             def run():
                 if len(argvs) == 1:
                     return [self._resolve(keys=[], args=list(argvs[0]))]

@@ -293,7 +293,10 @@ class LeanRedis:
         except BaseException:
             self._close(conn)
             raise
-        return [error_of(r) if isinstance(r, hiredis.ReplyError) else r for r in raw]
+        for r in raw:
+            if isinstance(r, hiredis.ReplyError):
+                return [error_of(r) if isinstance(r, hiredis.ReplyError) else r for r in raw]
+        return raw  # no error reply: the list as it came (one object less per call)
 
     def execute(self, *args: Any, retry: bool = False) -> Any:
         """One command; an error reply is raised."""
@@ -314,12 +317,25 @@ class LeanRedis:
         packed_keys = [_bulk(k) for k in keys]
         payload = [script.head(len(keys) + len(argv), len(keys)) + b"".join(packed_keys + [_bulk(a) for a in argv])
                    for argv in argvs]
-        replies = self._send(len(payload), b"".join(payload), retry)
+        return self.evalsha_packed(script, len(payload), b"".join(payload), retry)
+
+    def evalsha_packed(self, script: Script, n: int, payload: bytes, retry: bool = True) -> list[Any]:
+        """:meth:`evalsha_many` of ``n`` ``EVALSHA`` commands of ``script``
+        already packed into ``payload`` (each :meth:`Script.head` then its
+        bulk strings, :func:`bulk`): for a caller that packs its constant
+        arguments once.  The same ``NOSCRIPT`` load and resend, the same
+        errors."""
+        replies = self._send(n, payload, retry)
+        for r in replies:
+            if isinstance(r, redis.ResponseError):
+                break
+        else:
+            return replies
         if any(isinstance(r, NoScriptError) for r in replies):
             sha = self.execute("SCRIPT", "LOAD", script.text, retry=True)
             if sha != script.sha:
                 raise InvalidResponse("SCRIPT LOAD answered another SHA1 than the script's")
-            replies = self._send(len(payload), b"".join(payload), retry)
+            replies = self._send(n, payload, retry)
         for r in replies:
             if isinstance(r, redis.ResponseError):
                 raise r

@@ -10,11 +10,13 @@ import random
 import socket
 import threading
 import time
+import urllib.parse
 
 import pytest
 import redis
 
 from authz_plugin import endpoints, resp, worker
+from authz_plugin.errors import StoreUnavailable
 from authz_plugin.identity import _MAX_TOKEN, _TOKEN_CHARS, _TOKEN_RE
 
 # -- endpoints: the index against the scan of the whole table ----------------------------------------
@@ -230,3 +232,146 @@ def test_tlru_refuses_a_zero_size():
     one["a"] = 1
     one["b"] = 2
     assert (one.get("a"), one.get("b"), len(one)) == (None, 2, 1)
+
+
+# -- rules: a list's canonical tenant filter against the full checks --------------------------------
+
+def _filter_outcome(fn, *args):
+    try:
+        fn(*args)
+        return ("ok",)
+    except Exception as e:  # the type and the words the tenant reads
+        return (type(e).__name__, str(e))
+
+
+def _filter_values(tenant: str, rnd: random.Random) -> list[str]:
+    from authz_plugin.scoping import TENANT_LABEL
+
+    w = f"{TENANT_LABEL}={tenant}"
+    base = ['{"label":{"%s":true}}' % w, '{"label":["%s"]}' % w]
+    out = list(base) + [
+        '{"label":{"%s":false}}' % w, '{"label":{"%s":true,"%s":true}}' % (w, w), '{"label":["%s","%s"]}' % (w, w),
+        '{"label": ["%s"]}' % w, ' {"label":["%s"]}' % w, '{"label":["%s"]} ' % w, '{"Label":["%s"]}' % w,
+        '{"label":["%s"],"label":["%s"]}' % (w, w), '{"label":["%s"],"status":["running"]}' % w,
+        '{"status":["running"],"label":{"%s":true}}' % w, '{"label":["%sx"]}' % w, '{"label":["%s=x"]}' % TENANT_LABEL,
+        '{"label":["%s","%s=other"]}' % (w, TENANT_LABEL), '{"label":["\\u006frg.fiware.fdcs.tenant=%s"]}' % tenant,
+        '{"label":{"%s":true}}x' % w, '{"label":["%s"]' % w, '[]', '', 'null', '{}', '{"label":"%s"}' % w,
+        '{"label":[1]}', '{"label":{"%s":1}}' % w,
+    ]
+    for _ in range(200):  # single-character edits of the canonical texts
+        s = rnd.choice(base)
+        i = rnd.randrange(len(s) + 1)
+        c = rnd.choice('{}[]",:\\ tu0aA=.x\u00e9')
+        op = rnd.random()
+        out.append(s[:i] + c + s[i:] if op < 0.4 else s[:i] + c + s[i + 1:] if op < 0.8 else s[:i] + s[i + 1:])
+    return out
+
+
+@pytest.mark.parametrize("tenant", ["a2de3bc8ae174fefae17366be82a39d3", "T1", "t-1", "t_1", 't"1', "t\\1",
+                                    "t\u00e91", "t 1", ""])
+def test_canonical_tenant_filter_answers_what_the_full_checks_answer(tenant):
+    from authz_plugin import rules
+    from authz_plugin.request import parse
+
+    rnd = random.Random(7)
+    fast = 0
+    for value in _filter_values(tenant, rnd):
+        for values in ([value], [value, value], [value, "{}"], []):
+            query = "&".join("filters=" + urllib.parse.quote(v) for v in values)
+            req = parse("GET", "/v1.41/containers/json" + ("?" + query if query else ""), {}, None)
+            assert req.qall("filters") == values
+            got = _filter_outcome(rules.tenant_filter, req, tenant)
+            assert got == _filter_outcome(rules._tenant_filter, values, tenant), (tenant, values)
+            fast += len(values) == 1 and rules._canonical_filter(value, tenant)
+    if tenant.isascii() and tenant.isalnum():
+        assert fast >= 2  # both canonical texts took the shortcut (and were allowed, above)
+    else:
+        assert fast == 0
+
+
+# -- request: the remembered query parse against the loop it runs ------------------------------------
+
+def _old_query(raw_query: str):
+    """The query loop of request.parse before the memo."""
+    from authz_plugin.errors import BadRequest
+    from authz_plugin.request import _unescape
+
+    if ";" in raw_query:
+        raise BadRequest("the query holds ';', which the engine refuses")
+    query = []
+    for part in raw_query.split("&") if raw_query else ():
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        query.append((_unescape(k, query=True), _unescape(v, query=True)))
+    return tuple(query)
+
+
+def test_remembered_query_parse_answers_what_the_loop_answers():
+    from authz_plugin import request
+
+    rnd = random.Random(8)
+    alphabet = ["a", "=", "&", "+", "%", "%2", "%2B", "%25", "%7B", "%22", "%c3%a9", "%C3", "%ff", ";", "%3B",
+                "x", "filters", "%zz", "\u00e9", "%E2%82%AC", "%3D"]
+    queries = [rnd.choice(alphabet) for _ in range(50)]
+    queries += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(3000)]
+    queries += ["x=" + "%41" * 600, "x=" + "a" * 2000]  # longer than the memo takes
+    for q in queries + queries[:500]:  # twice: the memo's answers too
+        want = _filter_outcome(_old_query, q)
+        try:
+            got = ("ok", request.parse("GET", "/v1.41/containers/json?" + q, {}, None).query)
+            want = ("ok", _old_query(q))
+        except Exception as e:
+            got = (type(e).__name__, str(e))
+        assert got == want, q
+    assert request._query_memo.cache_info().hits > 0 and request._query_memo.cache_info().maxsize == 256
+
+
+# -- ownership: the lean resolve's packing and the reply's one-step read ----------------------------
+
+class _Capture:
+    def __init__(self, replies):
+        self.replies, self.sent = replies, []
+
+    def evalsha_packed(self, script, n, payload, retry=True):
+        self.sent.append((script, n, payload))
+        return self.replies[:n]
+
+
+def test_lean_resolve_packs_what_evalsha_many_packs():
+    from authz_plugin import ownership
+
+    lean = _Capture([["none", 1]] * 3)
+    store = ownership.Store(redis.Redis(), host="h\u00e9-1", lean=lean)
+    for refs in ([("container", "abc", True)], [("network", "n1", False)], [("volume", "v\r\n1", False)],
+                 [("exec", "e" * 64, False), ("container", "c" * 64, 1), ("container", "x", 0)],
+                 [("other", "o", True)]):
+        assert store.resolve(refs) == [ownership.Resolution("none", (), True)] * len(refs)
+        script, n, payload = lean.sent[-1]
+        argvs = [(k, r, ownership.PREFIX_LIMIT, "1" if p else "0", store.host) for k, r, p in refs]
+        assert script is ownership._RESOLVE_SCRIPT and n == len(refs)
+        assert payload == b"".join(resp.pack(["EVALSHA", script.sha, 0, *a]) for a in argvs)
+
+
+class _Str(str):
+    pass
+
+
+def test_resolution_answers_what_the_general_read_answers():
+    from authz_plugin.ownership import _resolution as _old_resolution, resolution
+
+    rnd = random.Random(9)
+    atoms = ["id", "name", "prefix", "none", "what", "", "abc", "t1", _Str("id"), _Str("t1"), b"id", b"t1", 0, 1,
+             "1", None, ["t"], 1.0, True]
+    raws = [None, 1, "id", (), ("id", "a", "t"), [], ["id", "a", "t"], ["name", "", ""], ["prefix", "a", "t"]]
+    raws += [[rnd.choice(atoms) for _ in range(rnd.randint(1, 5))] for _ in range(5000)]
+    ok = 0
+    for raw in raws:
+        got = _filter_outcome(resolution, raw)
+        assert got == _filter_outcome(_old_resolution, raw), raw  # the same refusal (or fault) ...
+        if got == ("ok",):
+            assert resolution(raw) == _old_resolution(raw), raw  # ... or the same Resolution
+            ok += 1
+    assert ok > 100  # well-formed replies were among them, not only refusals
+    with pytest.raises(StoreUnavailable):
+        resolution(["id", "a", b"t"])

@@ -29,8 +29,12 @@ RESOLVE_SHA = resp.Script(ownership._RESOLVE).sha
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
+#: container ids are 64 hex digits (the resolve script reads no record for a reference of
+#: another length as a full id); C1 and C2 share the prefix "abcdef"
+C1, C2, C3, F1 = "abcdef0123" + "0" * 54, "abcdef9999" + "9" * 54, "0123456789" + "a" * 54, "feed01" + "1" * 58
+
 #: what resolve() is asked in the comparisons below: id, name, prefix, unknown, volume, exec
-REFS = [("container", "abcdef0123", True), ("container", "t1_web", False), ("container", "abcd", True),
+REFS = [("container", C1, True), ("container", "t1_web", False), ("container", "abcd", True),
         ("container", "zzz", True), ("volume", "v1", False), ("exec", "e1", False)]
 
 
@@ -97,11 +101,11 @@ def _stores(server, **lean_kw) -> tuple[Store, Store]:
 
 
 def _fill(store: Store) -> None:
-    store.add("container", "abcdef0123", "t1", "t1_web")
-    store.add("container", "abcdef9999", "t2", "t2_db")
-    store.add("container", "0123456789", "t1", "t1_x")
+    store.add("container", C1, "t1", "t1_web")
+    store.add("container", C2, "t2", "t2_db")
+    store.add("container", C3, "t1", "t1_x")
     store.add_volume_if_new("v1", "t1")
-    store.add_exec("e1", "t1", "abcdef0123")
+    store.add_exec("e1", "t1", C1)
 
 
 # -- pure parts ---------------------------------------------------------------------------
@@ -197,16 +201,47 @@ def test_lean_resolve_answers_what_redis_py_answers(server):
     assert lean.resolve(REFS) == slow.resolve(REFS)  # the whole batch in one round trip
     for ref in REFS:  # and one at a time (the hook's usual call)
         assert lean.resolve([ref]) == slow.resolve([ref])
-    assert lean.resolve([("container", "abcdef0123", True)])[0].owned_by("t1")
+    assert lean.resolve([("container", C1, True)])[0].owned_by("t1")
     assert not lean.resolve([("container", "abcd", True)])[0].owned_by("t1")  # t2's matches too
     assert lean.resolve([]) == []
+
+
+@needs_redis
+def test_a_container_reference_that_is_not_64_characters_is_never_read_as_a_full_id(server):
+    """moby's container ids are 64 hex digits: the engine never finds a
+    shorter (or longer) reference as an id, so the resolve script does not
+    read a record for it as one (an HGET less per short-id inspect).  A
+    record under such a key (no engine made it: stale, hand-written) is not
+    trusted; networks (swarm ids are 25 characters) and volumes are read as
+    before."""
+    slow, lean = _stores(server)
+    r = server.client()
+    short, long_ = "c0ffee", "c0ffee" * 11  # 6 and 66 characters
+    for key in (short, long_, C1):
+        r.hset("fdcs:own:container", key, "t1")
+        r.hset("fdcs:host:container", key, "h1")
+    r.hset("fdcs:own:network", "n25" + "x" * 22, "t1")
+    r.hset("fdcs:host:network", "n25" + "x" * 22, "h1")
+    for store in (slow, lean):
+        # positive control: the 64-character id is read as an id
+        assert store.resolve([("container", C1, True)])[0] == Resolution("id", ((C1, "t1"),))
+        for ref in (short, long_):
+            res = store.resolve([("container", ref, True)])[0]
+            assert res.how == "none" and not res.owned_by("t1"), ref
+        # a name or prefix of that form is still looked up as the engine would
+        store.add("container", "c0ffee" + "1" * 58, "t1", "t1_c")
+        assert store.resolve([("container", short, True)])[0] == Resolution(
+            "prefix", (("c0ffee" + "1" * 58, "t1"),))
+        assert store.resolve([("network", "n25" + "x" * 22, True)])[0] == Resolution(
+            "id", (("n25" + "x" * 22, "t1"),))
+        store.remove("container", "c0ffee" + "1" * 58)
 
 
 @needs_redis
 def test_owners_reads_the_records_of_full_ids_in_one_hmget(server):
     slow, lean = _stores(server)
     _fill(slow)
-    ids = ["abcdef0123", "abcdef9999", "0123456789", "feedfeed00"]
+    ids = [C1, C2, C3, "feedfeed00"]
     want = ["t1", "t2", "t1", None]  # no record: None, never a guess
     assert slow.owners("container", ids) == want
     assert lean.owners("container", ids) == want
@@ -222,7 +257,7 @@ def test_noscript_loads_the_script_and_retries_once(server):
     r = server.client()
     r.script_flush()
     assert r.script_exists(RESOLVE_SHA) == [False]
-    assert lean.resolve([REFS[0]])[0] == Resolution("id", (("abcdef0123", "t1"),))
+    assert lean.resolve([REFS[0]])[0] == Resolution("id", ((C1, "t1"),))
     assert r.script_exists(RESOLVE_SHA) == [True]
     r.script_flush()
     assert lean.resolve(REFS) == slow.resolve(REFS)  # a batch too
@@ -320,20 +355,20 @@ def test_password_and_db(tmp_path):
     try:
         s.client().execute_command("SELECT", 0)
         r3 = redis.Redis(port=s.port, password="s3cret-pw", db=3, decode_responses=True)
-        Store(r3, host="h1").add("container", "feed01", "t1", "t1_a")
+        Store(r3, host="h1").add("container", F1, "t1", "t1_a")
         url3 = f"redis://:s3cret-pw@127.0.0.1:{s.port}/3"
         lean = Store(r3, host="h1", lean=resp.LeanRedis.from_url(url3, 1.0))
-        assert lean.resolve([("container", "feed01", True)])[0] == Resolution("id", (("feed01", "t1"),))
+        assert lean.resolve([("container", F1, True)])[0] == Resolution("id", ((F1, "t1"),))
         # db 0 does not have it: the lean client selected db 3
         lean0 = Store(r3, host="h1", lean=resp.LeanRedis.from_url(f"redis://:s3cret-pw@127.0.0.1:{s.port}/0", 1.0))
-        assert lean0.resolve([("container", "feed01", True)])[0].how == "none"
+        assert lean0.resolve([("container", F1, True)])[0].how == "none"
         bad = Store(r3, host="h1", lean=resp.LeanRedis.from_url(f"redis://:wrong-pw@127.0.0.1:{s.port}/3", 1.0))
         with pytest.raises(StoreUnavailable) as e:
-            bad.resolve([("container", "feed01", True)])
+            bad.resolve([("container", F1, True)])
         assert "pw" not in str(e.value) and "pw" not in repr(e.value.__cause__)
         none = Store(r3, host="h1", lean=resp.LeanRedis.from_url(f"redis://127.0.0.1:{s.port}/3", 1.0))
         with pytest.raises(StoreUnavailable):  # no password at all: NOAUTH
-            none.resolve([("container", "feed01", True)])
+            none.resolve([("container", F1, True)])
     finally:
         s.stop()
 
