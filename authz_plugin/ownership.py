@@ -475,12 +475,8 @@ class Store:
             # packed as evalsha_many packs (kind, ref, PREFIX_LIMIT, "1"|"0",
             # host), the constant parts once per store: ~15 us less per hook
             heads, tails = self._resolve_heads, self._resolve_tails
-            if len(refs) == 1:  # the hook's usual call
-                kind, ref, pfx = refs[0]
-                payload = (heads.get(kind) or _resolve_head(kind)) + resp.bulk(ref) + tails[bool(pfx)]
-            else:
-                payload = b"".join([(heads.get(kind) or _resolve_head(kind)) + resp.bulk(ref) + tails[bool(pfx)]
-                                    for kind, ref, pfx in refs])
+            payload = b"".join([(heads.get(kind) or _resolve_head(kind)) + resp.bulk(ref) + tails[bool(pfx)]
+                                for kind, ref, pfx in refs])
             raws = self._call(self.lean.evalsha_packed, _RESOLVE_SCRIPT, len(refs), payload)
         else:
             host = self.host

@@ -177,6 +177,17 @@ _query_memo = functools.lru_cache(maxsize=256)(_query)
 _MEMO_QUERY_MAX = 1024
 
 
+def check_version(version: str, min_version: str, max_version: str) -> None:
+    """BadRequest unless ``version`` (of a ``/v<version>/`` path prefix) is
+    written canonically (``1.41``) and lies within the bounds."""
+    if not _CANONICAL_VERSION.fullmatch(version):
+        raise BadRequest(f"API version {version!r} is not written canonically (e.g. v1.41)")
+    if _version_tuple(version) < _version_tuple(min_version):
+        raise BadRequest(f"API version {version} is too old; this service needs {min_version} or newer")
+    if _version_tuple(version) > _version_tuple(max_version):
+        raise BadRequest(f"API version {version} is too new; this service supports up to {max_version}")
+
+
 def _media_type(headers: Headers) -> str:
     ct = headers.get("Content-Type")
     if ct is None:
@@ -220,12 +231,7 @@ def parse(
     m = _VERSION_RE.match(path)
     if m:
         version, path = m.group(1), m.group(2)
-        if not _CANONICAL_VERSION.fullmatch(version):
-            raise BadRequest(f"API version {version!r} is not written canonically (e.g. v1.41)")
-        if _version_tuple(version) < _version_tuple(min_version):
-            raise BadRequest(f"API version {version} is too old; this service needs {min_version} or newer")
-        if _version_tuple(version) > _version_tuple(max_version):
-            raise BadRequest(f"API version {version} is too new; this service supports up to {max_version}")
+        check_version(version, min_version, max_version)
     elif path not in UNVERSIONED_OK:
         raise BadRequest("the API version is missing from the path (e.g. /v1.41/...)")
 

@@ -31,7 +31,7 @@ from authz_plugin import endpoints, shapes
 from authz_plugin.config import Config
 from authz_plugin.errors import BadRequest, FdcsError
 from authz_plugin.quota import QuotaPolicy
-from authz_plugin.request import parse as parse_request
+from authz_plugin.request import check_version, parse as parse_request
 from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL, looks_like_id
 
 from . import rewrite
@@ -207,11 +207,10 @@ async def _tenant_counts(scope: Scope, engine: Engine) -> dict[str, int]:
 _MIN_API, _MAX_API = "1.12", "9.99"
 #: the commonest tenant reads, exactly: ``GET /vX.Y/containers/<name>/json``
 #: (docker inspect, compose's polling) and ``GET /vX.Y/containers/json``
-#: (docker ps; ``?all=1``: ps -a) -- a canonical version within the bounds,
-#: a plain name, no other query
-_FAST_VERSION = r"/v(1\.(?:1[2-9]|[2-9][0-9]|[1-9][0-9]{2}))"
-_FAST_INSPECT = re.compile(_FAST_VERSION + r"/containers/([A-Za-z0-9][A-Za-z0-9_.-]{0,199})/json")
-_FAST_LIST = re.compile(_FAST_VERSION + r"/containers/json(\?all=1)?")
+#: (docker ps; ``?all=1``: ps -a) -- a plain name, no other query; the
+#: version is then checked as parse_request checks it
+_FAST_INSPECT = re.compile(r"/v([0-9.]+)/containers/([A-Za-z0-9][A-Za-z0-9_.-]{0,199})/json")
+_FAST_LIST = re.compile(r"/v([0-9.]+)/containers/json(\?all=1)?")
 
 
 def _fast_read(ctx: Context, scope: Scope, target: str, headers: Headers) -> Exchange | None:
@@ -226,23 +225,36 @@ def _fast_read(ctx: Context, scope: Scope, target: str, headers: Headers) -> Exc
     for k, _ in headers:
         if k == b"content-type":
             return None
-    m = _FAST_INSPECT.fullmatch(target)
-    if m is not None:
+    inspect = _FAST_INSPECT.fullmatch(target)
+    listing = None if inspect else _FAST_LIST.fullmatch(target)
+    m = inspect or listing
+    if m is None:
+        return None
+    try:
+        check_version(m.group(1), _MIN_API, _MAX_API)
+    except BadRequest:
+        return None
+    if inspect:
         name = m.group(2)
         if looks_like_id(name):
             return None
         return Exchange("GET", f"/v{m.group(1)}/containers/{scope.name(name)}/json", headers,
-                        request_body="stream",
-                        response=Response(scope, ctx.api_version, lambda b: rewrite.container_inspect(b, scope)))
-    m = _FAST_LIST.fullmatch(target)
-    if m is None:
-        return None
+                        request_body="stream", response=_inspect_response(ctx, scope))
+    return Exchange("GET", _list_target(scope.tenant, m.group(1), bool(m.group(2))), headers,
+                    request_body="stream", response=_list_response(ctx, scope))
 
+
+def _inspect_response(ctx: Context, scope: Scope) -> Response:
+    """The rewriter of a container inspect's answer (both paths)."""
+    return Response(scope, ctx.api_version, lambda b: rewrite.container_inspect(b, scope))
+
+
+def _list_response(ctx: Context, scope: Scope) -> Response:
+    """The rewriter of a container list's answer (both paths): the caller's
+    containers, by label and by the ownership records."""
     def owned(ids: list[str]) -> set[str]:
         return _owned_containers(ctx, scope, ids)
-    return Exchange("GET", _list_target(scope.tenant, m.group(1), bool(m.group(2))), headers,
-                    request_body="stream",
-                    response=Response(scope, ctx.api_version, lambda b: rewrite.container_list(b, scope, owned)))
+    return Response(scope, ctx.api_version, lambda b: rewrite.container_list(b, scope, owned))
 
 
 @functools.lru_cache(maxsize=1024)  # a tenant's list target: the same text on every docker ps
@@ -348,9 +360,7 @@ async def _prepare_general(ctx: Context, scope: Scope, method: str, target: str,
             fn = {"containers": rewrite.container_list, "networks": rewrite.network_list,
                   "volumes": rewrite.volume_list}[resource]
             if resource == "containers":
-                def owned(ids: list[str]) -> set[str]:
-                    return _owned_containers(ctx, scope, ids)
-                ex.response = Response(scope, cap, lambda b: rewrite.container_list(b, scope, owned))
+                ex.response = _list_response(ctx, scope)
             else:
                 ex.response = Response(scope, cap, lambda b: fn(b, scope))
     elif action == "container_create":
@@ -402,7 +412,7 @@ async def _prepare_general(ctx: Context, scope: Scope, method: str, target: str,
         if req.path.endswith("/stats") and ep.kind == "container":
             ex.response = Response(scope, cap, lambda b: b, mode="lines", line=rewrite.stats_line)
         elif req.path.endswith("/json") and ep.kind == "container":
-            ex.response = Response(scope, cap, lambda b: rewrite.container_inspect(b, scope))
+            ex.response = _inspect_response(ctx, scope)
         elif ep.kind == "network":
             ex.response = Response(scope, cap, lambda b: rewrite.network_inspect(b, scope))
         elif ep.kind == "volume":

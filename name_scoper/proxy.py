@@ -242,7 +242,7 @@ class _Client:
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_expired = False
         #: (the identity's headers, as sent; the identity they got): asked
-        #: again only whether it still holds (ScoperServer.reuse_identity)
+        #: again only whether it still holds (ScoperServer.still_cached)
         self._auth: tuple[tuple, Any] | None = None
 
     # -- client side I/O ----------------------------------------------------------
@@ -441,7 +441,7 @@ class _Client:
             # headers get the same identity while the identity's cache holds it.
             creds = tuple([p for p in headers if p[0] in s.credential_headers])
             try:
-                if self._auth is not None and self._auth[0] == creds and s.reuse_identity(self._auth[1]):
+                if self._auth is not None and self._auth[0] == creds and s.still_cached(self._auth[1]):
                     ident = self._auth[1]
                 else:
                     self._auth = None
@@ -911,10 +911,10 @@ class ScoperServer:
         # An identity that can tell whether an answer it gave still holds
         # (IdentityService.still_cached) is asked only that when a connection
         # repeats the headers it read (header_names) with nothing changed.
-        self._still_cached = getattr(identity, "still_cached", None)
+        self.still_cached: Callable[[Any], bool] | None = getattr(identity, "still_cached", None)
         #: the request headers the identity's answer depends on
         self.credential_headers: frozenset[bytes] = (
-            getattr(identity, "header_names", frozenset()) if self._still_cached is not None else frozenset())
+            getattr(identity, "header_names", frozenset()) if self.still_cached is not None else frozenset())
         self.closing = False
         self._slots = asyncio.Semaphore(max_connections)
         self._sockets: list[socket.socket] = []
@@ -934,14 +934,9 @@ class ScoperServer:
 
     def reusable_identity(self, ident) -> bool:
         """Whether ``ident`` may be given again for the same headers while
-        :meth:`reuse_identity` says it holds (an identity from the token
-        cache; never the admin key's)."""
-        return self._still_cached is not None and bool(getattr(ident, "cache_key", ""))
-
-    def reuse_identity(self, ident) -> bool:
-        """Whether ``ident`` (:meth:`reusable_identity`) is still what the
-        identity answers for the headers it was given for."""
-        return self._still_cached(ident)
+        the identity's ``still_cached`` says it holds (an identity from the
+        token cache; never the admin key's)."""
+        return self.still_cached is not None and bool(getattr(ident, "cache_key", ""))
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
