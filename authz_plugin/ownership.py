@@ -408,15 +408,33 @@ def call_redis(fn, *args, **kw):
     """Run one Redis operation; every failure becomes :class:`StoreUnavailable`."""
     try:
         return fn(*args, **kw)
-    except redis.ResponseError as e:
-        # a refused command (out of memory, read-only replica, a script bug)
-        metrics.redis_error()
-        log.error("redis refused a command: %s", e)
-        raise StoreUnavailable("ownership store unavailable, retry") from e
     except redis.RedisError as e:
-        metrics.redis_error()
+        raise store_error(e) from e
+
+
+def store_error(e: redis.RedisError) -> StoreUnavailable:
+    """What a Redis failure is to the caller (counted and logged here; the
+    caller raises it ``from e``)."""
+    metrics.redis_error()
+    if isinstance(e, redis.ResponseError):
+        # a refused command (out of memory, read-only replica, a script bug)
+        log.error("redis refused a command: %s", e)
+    else:
         log.warning("redis error: %s", e.__class__.__name__, exc_info=log.isEnabledFor(logging.DEBUG))
-        raise StoreUnavailable("ownership store unavailable, retry") from e
+    return StoreUnavailable("ownership store unavailable, retry")
+
+
+def owners_command(kind: str, ids: list[str]) -> tuple[str, ...]:
+    """The command of :meth:`Store.owners` (for a client of another kind)."""
+    return ("HMGET", f"fdcs:own:{kind}", *ids)
+
+
+def owners_reply(raw, n: int) -> list[str | None]:
+    """:meth:`Store.owners`'s answer from the reply to :func:`owners_command`
+    of ``n`` ids; :class:`StoreUnavailable` when it has another shape."""
+    if not isinstance(raw, list) or len(raw) != n or not all(o is None or isinstance(o, str) for o in raw):
+        raise _malformed("owners")
+    return raw
 
 
 class Store:
@@ -502,14 +520,12 @@ class Store:
         may stand in for one."""
         if not ids:
             return []
-        key = f"fdcs:own:{kind}"
+        command = owners_command(kind, ids)
         if self.lean is not None:
-            raw = self._call(self.lean.execute, "HMGET", key, *ids, retry=True)
+            raw = self._call(self.lean.execute, *command, retry=True)
         else:
-            raw = self._call(self.r.hmget, key, ids)
-        if not isinstance(raw, list) or len(raw) != len(ids) or not all(o is None or isinstance(o, str) for o in raw):
-            raise _malformed("owners")
-        return raw
+            raw = self._call(self.r.hmget, command[1], ids)
+        return owners_reply(raw, len(ids))
 
     def tenant_ref(self, kind: str, tenant: str, ref: str, scoped: str | None) -> tuple[str, str]:
         """What a tenant's hex-looking reference means to that tenant, in the

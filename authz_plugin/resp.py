@@ -188,11 +188,7 @@ class LeanRedis:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         conn = _Conn(sock)
-        hello = []
-        if self._password is not None:
-            hello.append(("AUTH", self.username, self._password) if self.username else ("AUTH", self._password))
-        if self.db:
-            hello.append(("SELECT", self.db))
+        hello = self.handshake()
         if hello:
             try:
                 for reply in self._roundtrip(conn, b"".join(pack(c) for c in hello), len(hello)):
@@ -203,6 +199,17 @@ class LeanRedis:
                 self._close(conn)
                 raise
         return conn
+
+    def handshake(self) -> list[tuple[Any, ...]]:
+        """The commands a new connection sends before any other (``AUTH``,
+        ``SELECT``), in order; every reply must be ``OK``.  For a client of
+        the same Redis on an event loop (``name_scoper._redis``)."""
+        hello: list[tuple[Any, ...]] = []
+        if self._password is not None:
+            hello.append(("AUTH", self.username, self._password) if self.username else ("AUTH", self._password))
+        if self.db:
+            hello.append(("SELECT", self.db))
+        return hello
 
     def _get(self) -> tuple[_Conn, bool]:
         """This thread's connection and whether it was just opened."""

@@ -45,6 +45,7 @@ import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import CoroutineType
 from typing import Any, Awaitable, Callable, Mapping
 
 import orjson
@@ -298,6 +299,7 @@ class _Client:
 
     async def _run(self) -> None:
         loop = self.task.get_loop()
+        s = self.s
         while not self.s.closing:
             self.idle = True
             self._head_deadline = loop.time() + self.s.idle_timeout
@@ -321,7 +323,12 @@ class _Client:
             if req is None:
                 return
             self.idle = False
-            if not await self._exchange(req):
+            s.in_flight += 1
+            try:
+                keep = await self._exchange(req)
+            finally:
+                s.in_flight -= 1
+            if not keep:
                 return
             self.http.start_next_cycle()
 
@@ -740,6 +747,8 @@ class _Client:
             reason = head.reason
             try:
                 body = ex.response.json(status, body)
+                if type(body) is CoroutineType:  # the rewriting reads Redis (on this loop)
+                    body = await body
                 if isinstance(body, tuple):  # the rewriting changed the status too
                     new_status, body = body
                     if new_status != status:
@@ -916,6 +925,8 @@ class ScoperServer:
         self.credential_headers: frozenset[bytes] = (
             getattr(identity, "header_names", frozenset()) if self.still_cached is not None else frozenset())
         self.closing = False
+        #: requests being served (a stream counts until it ends)
+        self.in_flight = 0
         self._slots = asyncio.Semaphore(max_connections)
         self._sockets: list[socket.socket] = []
         self._accepters: list[asyncio.Task] = []

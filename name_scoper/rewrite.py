@@ -370,11 +370,23 @@ def container_list(body: bytes, scope: Scope, owned: Callable[[list[str]], set[s
     ownership records give to the caller (the records ignore an inherited
     label); the others are dropped too.
     """
+    mine, ids = containers_labelled(body, scope)
+    return containers_out(mine, scope, owned(ids) if owned is not None and mine else None)
+
+
+def containers_labelled(body: bytes, scope: Scope) -> tuple[list[dict], list[str]]:
+    """The first half of :func:`container_list`: the list's containers that
+    carry the caller's label, and their ids (for the ownership records)."""
     items = load(body)
     items = [c for c in items if isinstance(c, dict)] if isinstance(items, list) else []
     mine = [c for c in items if _labels_mine(scope, c.get("Labels"))]
-    if owned is not None and mine:
-        keep = owned([c.get("Id") or "" for c in mine])
+    return mine, [c.get("Id") or "" for c in mine]
+
+
+def containers_out(mine: list[dict], scope: Scope, keep: set[str] | None) -> bytes:
+    """The second half of :func:`container_list`: of ``mine``, those whose
+    id is in ``keep`` (None: all), names unscoped."""
+    if keep is not None:
         mine = [c for c in mine if c.get("Id") in keep]
     out = []
     for c in mine:

@@ -100,7 +100,10 @@ def handlers_context(cfg: Config):
         return prepare, cfg
     from authz_plugin.ownership import Store
 
-    return prepare, handlers.Context(cfg, Store.from_config(cfg))
+    from ._redis import AsyncRedis
+
+    store = Store.from_config(cfg)
+    return prepare, handlers.Context(cfg, store, redis=AsyncRedis.of(store.lean))
 
 
 def _sd_notify(state: str) -> None:
@@ -123,6 +126,8 @@ async def run(cfg: Config, identity, prepare: Prepare, ctx, listen, ssl_context)
         prepare=prepare, context=ctx, admin_key_header=cfg["keystone.admin_key_header"],
         max_connections=cfg["scoper.max_connections"])
     await server.start(*listen)
+    if hasattr(ctx, "in_flight"):  # handlers.Context: its list reads Redis on the loop when others wait
+        ctx.in_flight = lambda: server.in_flight
     m = metrics.active()
     if isinstance(m, metrics.ScoperMetrics):
         m.open_connections.set_function(lambda: server.connections)
@@ -139,6 +144,9 @@ async def run(cfg: Config, identity, prepare: Prepare, ctx, listen, ssl_context)
     _sd_notify("STOPPING=1")
     LOG.info("stopping: %d connection(s) open", server.connections)
     await server.close(GRACE_SECONDS)
+    redis = getattr(ctx, "redis", None)
+    if redis is not None:
+        redis.close()
     LOG.info("stopped")
 
 

@@ -1478,3 +1478,37 @@ def test_the_idle_timeout_ends_a_silent_or_unfinished_head_never_a_request_being
     finally:
         served.close()
         unfinished.close()
+
+
+def test_in_flight_counts_the_requests_being_served(engine, make_proxy, tls):
+    """What the container list's Redis read is chosen by: a request counts
+    from its head until its answer is out (a stream until it ends); idle
+    kept-alive connections do not count."""
+    seen = []
+    release = threading.Event()
+
+    def behave(c):
+        if c.target.endswith("/hold"):
+            release.wait(TIMEOUT)
+        c.respond_json({"ok": True})
+    engine.behave = behave
+
+    async def prepare(ctx, ident, method, target, headers, eng):
+        seen.append(px.in_flight)
+        return Exchange(method, target, headers)
+
+    px = make_proxy(prepare=prepare)
+    idle = Client(px.port, tls)
+    assert idle.request("GET", "/v1.41/_nothing")[0] == 200  # then kept alive, idle
+    c = Client(px.port, tls)
+    assert c.request("GET", "/v1.41/containers/json")[0] == 200
+    held = Client(px.port, tls)
+    held.send(build("GET", "/v1.41/hold"))
+    wait_until(lambda: engine.count == 3, what="the held request at the engine")
+    try:
+        assert c.request("GET", "/v1.41/containers/json")[0] == 200
+    finally:
+        release.set()
+    assert held.response()[0] == 200
+    wait_until(lambda: px.in_flight == 0, what="nothing in flight")
+    assert seen == [1, 1, 1, 2]

@@ -1,0 +1,269 @@
+"""The scoper's Redis on its event loop (name_scoper/_redis.py) and the
+container list's ownership filter through it (``handlers._list_response``).
+
+A real ``redis-server`` for what Redis does, the scripted server of
+``test_resp`` for what it never does on purpose; every failure ends in one
+of redis-py's exceptions (``StoreUnavailable`` for the list) and has its
+positive control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis
+
+from authz_plugin import resp
+from authz_plugin.errors import StoreUnavailable
+from authz_plugin.ownership import Store, owners_command
+from name_scoper import handlers
+from name_scoper._redis import AsyncRedis
+from name_scoper.rewrite import Scope
+from tests.unit.test_resp import (C1, C2, C3, F1, ID_REPLY, Cut, RedisServer, _free_port, needs_redis,  # noqa: F401
+                                  scripted, server)
+
+
+def _client(url: str, timeout: float = 1.0) -> AsyncRedis:
+    return AsyncRedis(resp.LeanRedis.from_url(url, timeout))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@needs_redis
+def test_owners_answer_what_the_blocking_client_answers_and_replies_keep_their_order(server):
+    r = server.client()
+    st = Store(r, host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C2, "t2", "t2_db")
+    ids = [C1, C2, C3]
+
+    async def main():
+        a = _client(server.url)
+        try:
+            got = await a.execute(*owners_command("container", ids), retry=True)
+            # many commands at once on the one connection: each gets its own reply
+            many = await asyncio.gather(*(a.execute("ECHO", f"m{i}") for i in range(200)))
+            return got, many, a._conn
+        finally:
+            a.close()
+
+    got, many, conn = run(main())
+    assert got == st.owners("container", ids) == ["t1", "t2", None]
+    assert many == [f"m{i}" for i in range(200)]
+    assert conn is not None  # one connection carried them all
+
+
+@needs_redis
+def test_an_error_reply_is_raised_and_the_connection_stays_usable(server):
+    async def main():
+        a = _client(server.url)
+        try:
+            with pytest.raises(redis.ResponseError):
+                await a.execute("HGET", "only-one-argument")
+            conn = a._conn
+            assert await a.execute("PING") == "PONG"
+            return conn is a._conn
+        finally:
+            a.close()
+    assert run(main())
+
+
+@needs_redis
+def test_redis_restarted_a_read_is_sent_once_more_a_write_is_not(server):
+    async def main():
+        a = _client(server.url)
+        try:
+            assert await a.execute("PING") == "PONG"
+            server.stop()
+            server.start()
+            assert await a.execute("PING", retry=True) == "PONG"  # the old connection was closed: sent again
+            server.stop()
+            server.start()
+            with pytest.raises(redis.ConnectionError):
+                await a.execute("PING")  # not a read marked safe to repeat: the failure is raised
+            assert await a.execute("PING") == "PONG"  # and the next command connects again
+        finally:
+            a.close()
+    run(main())
+
+
+def test_password_and_db(tmp_path):
+    s = RedisServer(tmp_path, password="s3cret-pw")
+    s.start()
+    try:
+        redis.Redis(port=s.port, password="s3cret-pw", db=3).set("k", "in-db-3")
+
+        async def main():
+            good = _client(f"redis://:s3cret-pw@127.0.0.1:{s.port}/3")
+            db0 = _client(f"redis://:s3cret-pw@127.0.0.1:{s.port}/0")
+            bad = _client(f"redis://:wrong-pw@127.0.0.1:{s.port}/3")
+            none = _client(f"redis://127.0.0.1:{s.port}/3")
+            try:
+                assert await good.execute("GET", "k") == "in-db-3"
+                assert await db0.execute("GET", "k") is None
+                with pytest.raises(redis.ConnectionError) as e:
+                    await bad.execute("GET", "k")
+                assert "pw" not in str(e.value) and "pw" not in repr(bad)
+                with pytest.raises(redis.RedisError):  # no password at all: NOAUTH
+                    await none.execute("GET", "k")
+            finally:
+                for c in (good, db0, bad, none):
+                    c.close()
+        run(main())
+    finally:
+        s.stop()
+
+
+def test_a_timeout_fails_the_connection_and_a_late_reply_is_never_read(scripted):
+    late = b"$4\r\nlate\r\n"
+    srv = scripted([(0.8, late)], [b"$4\r\nnext\r\n"])
+
+    async def main():
+        a = _client(f"redis://127.0.0.1:{srv.port}/0", timeout=0.3)
+        try:
+            with pytest.raises(redis.TimeoutError):
+                await a.execute("GET", "k")
+            await asyncio.sleep(0.6)  # the late reply reaches the first connection by now
+            assert await a.execute("GET", "k") == "next"
+        finally:
+            a.close()
+    run(main())
+    assert srv.conns == 2
+
+
+@pytest.mark.parametrize("reply", [b"!!nonsense\r\n", b"$2\r\n\xff\xfe\r\n"])
+def test_bytes_that_are_not_resp_or_utf8_fail_and_drop_the_connection(scripted, reply):
+    srv = scripted([reply], [b"+OK\r\n"])
+
+    async def main():
+        a = _client(f"redis://127.0.0.1:{srv.port}/0")
+        try:
+            with pytest.raises(redis.exceptions.InvalidResponse):
+                await a.execute("GET", "k")
+            assert await a.execute("GET", "k") == "OK"  # control: a new connection, a good reply
+        finally:
+            a.close()
+    run(main())
+    assert srv.conns == 2
+
+
+def test_a_connection_cut_mid_reply_is_retried_once_for_a_read(scripted):
+    srv = scripted([b"+OK\r\n", Cut(b"$10\r\npart")], [b"+AGAIN\r\n"])
+
+    async def main():
+        a = _client(f"redis://127.0.0.1:{srv.port}/0")
+        try:
+            assert await a.execute("GET", "k", retry=True) == "OK"
+            assert await a.execute("GET", "k", retry=True) == "AGAIN"
+        finally:
+            a.close()
+    run(main())
+    assert srv.conns == 2
+    srv2 = scripted([None], [b"+OK\r\n"])  # a new connection's failure: raised at once
+
+    async def fresh():
+        a = _client(f"redis://127.0.0.1:{srv2.port}/0")
+        try:
+            with pytest.raises(redis.ConnectionError):
+                await a.execute("GET", "k", retry=True)
+        finally:
+            a.close()
+    run(fresh())
+    assert srv2.conns == 1
+
+
+def test_refused_connection():
+    async def main():
+        a = _client(f"redis://127.0.0.1:{_free_port()}/0")
+        with pytest.raises(redis.ConnectionError):
+            await a.execute("PING")
+    run(main())
+
+
+# -- the container list through it ------------------------------------------------------------
+
+LIST = json.dumps([
+    {"Id": C1, "Names": ["/t1_web"], "Labels": {"org.fiware.fdcs.tenant": "t1"}},
+    {"Id": C2, "Names": ["/t2_db"], "Labels": {"org.fiware.fdcs.tenant": "t2"}},
+    # labelled t1 (inherited from an image), but the records give it to t2
+    {"Id": C3, "Names": ["/adm"], "Labels": {"org.fiware.fdcs.tenant": "t1"}},
+]).encode()
+
+
+def _lists(store: Store | None, url: str | None, in_flight: int = 2):
+    ctx = handlers.Context({"scoper.api_version": "1.41"}, store=store,
+                           redis=_client(url) if url else None, in_flight=lambda: in_flight)
+    return ctx, handlers._list_response(ctx, Scope("t1"))
+
+
+async def _rewritten(response, status, body):
+    out = response.json(status, body)
+    return await out if asyncio.iscoroutine(out) else out
+
+
+@needs_redis
+def test_the_list_is_filtered_by_the_records_on_the_loop_as_with_the_blocking_client(server):
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C2, "t2", "t2_db")
+    st.add("container", C3, "t2", "t2_x")
+
+    async def main():
+        ctx, on_loop = _lists(st, server.url)
+        try:
+            got = await _rewritten(on_loop, 200, LIST)
+        finally:
+            ctx.redis.close()
+        _, blocking = _lists(st, None)
+        return got, blocking.json(200, LIST)
+
+    got, want = run(main())
+    assert got == want
+    assert [c["Names"] for c in json.loads(got)] == [["/web"]]
+
+
+def test_the_list_fails_closed_when_redis_fails(scripted):
+    """Redis down, or a reply of another shape: the list is refused
+    (StoreUnavailable), never answered unfiltered."""
+    down = f"redis://127.0.0.1:{_free_port()}/0"
+    odd = scripted([b"*1\r\n$2\r\nt1\r\n"])  # one owner for the two ids labelled t1
+    good = scripted([b"*2\r\n$2\r\nt1\r\n$2\r\nt2\r\n"])
+
+    async def main(url):
+        ctx, on_loop = _lists(None, url)
+        try:
+            return await _rewritten(on_loop, 200, LIST)
+        finally:
+            ctx.redis.close()
+
+    for url in (down, f"redis://127.0.0.1:{odd.port}/0"):
+        with pytest.raises(StoreUnavailable):
+            run(main(url))
+    # control: the same list, a well-formed reply
+    assert [c["Names"] for c in json.loads(run(main(f"redis://127.0.0.1:{good.port}/0")))] == [["/web"]]
+
+
+@needs_redis
+def test_the_list_reads_on_the_loop_only_while_other_requests_are_served(server):
+    """Alone, the list reads the records with the store's blocking client
+    (the cheaper way); with other requests in flight, on the loop.  Told
+    apart by pointing the two at different servers."""
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C3, "t2", "t2_x")
+    down = f"redis://127.0.0.1:{_free_port()}/0"
+
+    async def main(in_flight):
+        ctx, lists = _lists(st, down, in_flight)  # the loop's client cannot connect
+        try:
+            return await _rewritten(lists, 200, LIST)
+        finally:
+            ctx.redis.close()
+
+    assert [c["Names"] for c in json.loads(run(main(1)))] == [["/web"]]  # the store's client: served
+    with pytest.raises(StoreUnavailable):
+        run(main(2))  # the loop's client: refused, nothing unfiltered
