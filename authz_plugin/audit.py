@@ -32,8 +32,23 @@ lines = logfmt.DirectLines("fdcs.audit")
 
 def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str, str], resource: str,
           result: Mapping[str, Any], reason: str, t0: float) -> None:
+    """One decision of the general path: :func:`record` with the method and
+    path of the canonical request ``req`` (None: it could not be read, the
+    payload's raw fields, cut)."""
+    if req is not None:
+        record(hook, rid, req.method, req.path, who.get("tenant", ""), who.get("user", ""), resource,
+               result, reason, t0)
+    else:
+        record(hook, rid, str(payload.get("RequestMethod", ""))[:10], str(payload.get("RequestUri", ""))[:300],
+               who.get("tenant", ""), who.get("user", ""), resource, result, reason, t0)
+
+
+def record(hook: str, rid: str, method: str, path: str, tenant: str, user: str, resource: str,
+           result: Mapping[str, Any], reason: str, t0: float) -> None:
+    """Count one decision and write its line (the module doc's fields)."""
+    allowed = bool(result.get("Allow"))
     # the metrics count every decision, whatever the log level
-    metrics.decision(hook, bool(result.get("Allow")), reason, time.perf_counter() - t0)
+    metrics.decision(hook, allowed, reason, time.perf_counter() - t0)
     logged = lines.enabled()
     if not logged and not audit_stream.active():
         return
@@ -41,16 +56,16 @@ def audit(hook: str, rid: str, payload: Mapping[str, Any], req, who: Mapping[str
         "ts": round(time.time(), 3),
         "hook": hook,
         "rid": rid,
-        "tenant": who.get("tenant", ""),
-        "user": who.get("user", ""),
-        "method": req.method if req else str(payload.get("RequestMethod", ""))[:10],
-        "path": req.path if req else str(payload.get("RequestUri", ""))[:300],
+        "tenant": tenant,
+        "user": user,
+        "method": method,
+        "path": path,
         "resource": resource,
-        "allow": bool(result.get("Allow")),
+        "allow": allowed,
         "reason": reason,
         "us": int((time.perf_counter() - t0) * 1e6),
     }
-    if not result.get("Allow"):
+    if not allowed:
         line["msg"] = result.get("Msg", "")
     text = orjson.dumps(line).decode()
     audit_stream.submit(text)

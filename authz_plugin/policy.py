@@ -22,6 +22,13 @@ Order of a request decision, cheapest refusal first:
    script: the charge is held from here until the response hook settles
    it), then the cluster-wide name reservation.
 
+A container inspect or list (``GET``, no body) takes a lean lane
+(:meth:`Authorizer._lean_read`): the same steps in the same order, from the
+payload's fields without the canonical request, the endpoint table and the
+plan; anything unusual about it goes the general way.  A serving thread
+keeps its last identity while the identity service says it still holds
+(:meth:`Authorizer._identity`); no ownership answer is ever kept.
+
 Any exception that is not an :class:`FdcsError` is an internal fault: it is
 logged with its cause and the request is denied ("internal error").  The
 response hook records ownership after a successful create, rename or
@@ -34,18 +41,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from . import endpoints, logfmt, rules
+from . import audit as _audit
 from .audit import audit
 from .config import Config
 from .errors import (BadRequest, Denied, FdcsError, Forbidden, IdentityUnavailable, NotFound, Retry,
                      StoreUnavailable, Suspended, Unsupported)
 from .ownership import Store
 from .quota import KEEP, QuotaStore, fingerprint
-from .request import Request, parse
+from .request import _MEMO_QUERY_MAX, Headers, Request, _query, _query_memo, check_version, parse
 from .scoping import TENANT_LABEL
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,14 @@ RECORDING_METHODS = frozenset({"POST", "DELETE"})
 #: seconds a worker trusts its copy of the suspended tenants (``fdcs-manage
 #: tenant suspend`` waits this long before it stops the tenant's containers)
 SUSPENSION_TTL = 2.0
+
+#: the reads the lean lane takes (:meth:`Authorizer._lean_read`), by their
+#: target as the engine forwards it: ``GET /v<version>/containers/<ref>/json``
+#: with a reference of name or id characters (no escape, no dot segment), and
+#: ``GET /v<version>/containers/json?<query>`` with a query of printable
+#: ASCII but ``#`` and space (what :func:`request.parse` takes as it is)
+_LEAN_TARGET = re.compile(r"/v([0-9.]+)/containers/(?:([A-Za-z0-9][A-Za-z0-9_.-]*)/json|json\?([!\"$-~]*))")
+_LIST_PATH = "/containers/json"
 
 
 def allow(msg: str = "") -> dict[str, Any]:
@@ -81,11 +99,26 @@ class Authorizer:
         self.cluster_names = cfg["policy.container_names"] == "cluster"
         self.quota = QuotaStore(store.r, self.policy.quota, store.host, store.settle) if self.policy.quota.enabled else None
         self._suspended: tuple[float, dict[str, dict]] = (0.0, {})
+        #: the headers an identity depends on (lower case), when the identity
+        #: service can tell whether an identity it gave still holds
+        #: (``still_cached``); None: ask it every time
+        names = getattr(identity, "header_names", None) if hasattr(identity, "still_cached") else None
+        self._ident_names: tuple[str, ...] | None = (
+            tuple(sorted(n.decode("latin-1") for n in names)) if names else None)
+        #: per serving thread (one engine connection each): the last identity
+        #: and the values of ``_ident_names`` it was given for
+        self._ident_memo = threading.local()
+        #: the API versions ``check_version`` accepted within this authorizer's bounds
+        self._versions_ok: set[str] = set()
 
     # -- protocol entry points ------------------------------------------------
 
     def authz_request(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
+        if payload.get("RequestMethod") == "GET":
+            out = self._lean_read(payload, t0)
+            if out is not None:
+                return out
         rid = _request_id(payload)
         who: dict[str, str] = {}
         req = None
@@ -99,7 +132,7 @@ class Authorizer:
                 # old" instead of the real refusal of the next request.
                 result, reason = allow(), "ping"
             else:
-                ident = self.identity.authenticate(req.headers)
+                ident = self._identity(req.headers.lowered(), req.headers)
                 who = {"tenant": ident.project_id, "user": ident.user_name}
                 if ident.is_admin:
                     result, reason = allow(), "admin"
@@ -160,6 +193,100 @@ class Authorizer:
         audit("response", rid, payload, req, who, "", result, reason, t0)
         return result
 
+    # -- the lean lane of the commonest reads -------------------------------------------
+
+    def _lean_read(self, payload: Mapping[str, Any], t0: float) -> dict[str, Any] | None:
+        """:meth:`authz_request` of a ``GET`` that is a container inspect or
+        list (``_LEAN_TARGET``), decided from the payload without the
+        canonical :class:`Request`, the endpoint table, the :class:`Plan`:
+        the same answer, audit line and metrics as the general path (a
+        differential test holds them equal, ``tests/unit/test_lean_read.py``).
+
+        None -- before anything is counted or asked -- for any payload it
+        does not take: a body, another target, a header map that is not
+        plain strings or repeats a name in another case, a ``Content-Type``
+        or ``Content-Length`` (the general path checks them), a version or
+        query the general path refuses.  Then the general path decides."""
+        if payload.get("RequestBody"):
+            return None
+        uri = payload.get("RequestUri")
+        if type(uri) is not str:
+            return None
+        m = _LEAN_TARGET.fullmatch(uri)
+        if m is None:
+            return None
+        raw = payload.get("RequestHeaders")
+        if type(raw) is not dict:
+            return None
+        lowered = {}
+        for k, v in raw.items():
+            if type(k) is not str or type(v) is not str:
+                return None
+            lowered[k.lower()] = v
+        if len(lowered) != len(raw) or "content-type" in lowered or "content-length" in lowered:
+            return None
+        version, ref, raw_query = m.groups()
+        try:
+            if version not in self._versions_ok:
+                check_version(version, self.min_version, self.max_version)
+                self._versions_ok.add(version)  # (pure, for this authorizer's bounds)
+            query = ((_query_memo(raw_query) if len(raw_query) <= _MEMO_QUERY_MAX else _query(raw_query))
+                     if raw_query else ())
+        except BadRequest:
+            return None
+        # what _request_id reads (one value per lower-case name: checked above)
+        rid = lowered.get("x-request-id")
+        if rid is None or not 0 < len(rid) <= 64 or not rid.isprintable():
+            rid = logfmt.new_request_id()
+        path = _LIST_PATH if ref is None else uri[m.end(1):]
+        tenant = user = resource = ""
+        try:
+            ident = self._identity(lowered)
+            tenant, user = ident.project_id, ident.user_name
+            if ident.is_admin:
+                result, reason = allow(), "admin"
+            else:
+                self._check_suspended(tenant)
+                _check_role(ident, "GET", path)
+                if ref is None:
+                    rules.tenant_filter_values([v for k, v in query if k == "filters"], tenant)
+                else:
+                    cheap = rules.cheap_ref(tenant, ref)
+                    if cheap is None:
+                        _check_owned(self.store.resolve([("container", ref, True)])[0], "container", ref, tenant)
+                    elif cheap is False:
+                        raise NotFound(endpoints.MISSING["container"].format(ref=ref))
+                    resource = ref
+                result, reason = allow(), "ok"
+        except FdcsError as e:  # (``resource`` is set only once the read is allowed, as the plan's)
+            result, reason = deny(str(e)), e.reason
+        except Exception:  # an internal fault must never become an allow
+            log.exception("internal error deciding request %s", rid)
+            result, reason = deny(f"internal error in the authorization plugin (request {rid})"), "internal"
+        _audit.record("request", rid, "GET", path, tenant, user, resource, result, reason, t0)
+        return result
+
+    def _identity(self, lowered: dict[str, str], headers: Headers | None = None):
+        """``identity.authenticate(headers)`` of the request headers by
+        lower-case name ``lowered`` (``headers``: the same as a
+        :class:`Headers`, when the caller has one); the serving thread's last
+        identity again, without reading and hashing the token, while the
+        identity service says it still holds (``still_cached``: the same
+        cache entry, its token unexpired, counted as the hit it is) for the
+        very same values of the headers it depends on.  Nothing else is
+        remembered: a refusal, a break-glass identity (never cached) and
+        every change of those headers go to ``authenticate``."""
+        names = self._ident_names
+        if names is not None:
+            key = tuple(map(lowered.get, names))
+            last = getattr(self._ident_memo, "last", None)
+            if last is not None and last[0] == key and self.identity.still_cached(last[1]):
+                return last[1]
+        ident = self.identity.authenticate(headers if headers is not None else Headers.of_lowered(lowered))
+        if names is not None:
+            self._ident_memo.last = (key, ident)
+        return ident
+
     # -- the decision -----------------------------------------------------------
 
     def _parse(self, payload: Mapping[str, Any]) -> Request:
@@ -180,11 +307,7 @@ class Authorizer:
 
     def _decide(self, req: Request, ident, fp_source: Mapping[str, Any]) -> rules.Plan:
         self._check_suspended(ident.project_id)
-        if not ident.may(req.method, req.path):
-            # a GET can write too (the websocket attach types into the container)
-            what = req.method if req.method not in ("GET", "HEAD") else f"{req.method} {req.path}, which writes to the container,"
-            raise Forbidden(f"your role on project {ident.project_id} allows reading only "
-                            f"({what} needs the member role)")
+        _check_role(ident, req.method, req.path)
         ep, params = endpoints.match_params(req.method, req.path)
         if ep is None:
             raise Unsupported(f"{req.method} {req.path} is not supported by this service")
@@ -292,11 +415,7 @@ class Authorizer:
             return
         results = self.store.resolve([(n.kind, n.ref, n.kind in ("container", "network")) for n in pending])
         for need, res in zip(pending, results):
-            if res.how == "none" and not res.complete:
-                raise Retry("ownership records are being rebuilt after a restart of the ownership store; "
-                            "retry in a moment")
-            if not res.owned_by(tenant):
-                raise NotFound(endpoints.MISSING[need.kind].format(ref=need.ref))
+            _check_owned(res, need.kind, need.ref, tenant)
 
     # -- recording ------------------------------------------------------------
 
@@ -368,6 +487,24 @@ class Authorizer:
                     self.store.remove("network", target)
 
 
+def _check_role(ident, method: str, path: str) -> None:
+    """Forbidden unless ``ident``'s role allows ``method`` on ``path``."""
+    if not ident.may(method, path):
+        # a GET can write too (the websocket attach types into the container)
+        what = method if method not in ("GET", "HEAD") else f"{method} {path}, which writes to the container,"
+        raise Forbidden(f"your role on project {ident.project_id} allows reading only "
+                        f"({what} needs the member role)")
+
+
+def _check_owned(res, kind: str, ref: str, tenant: str) -> None:
+    """A reference the store resolved to ``res`` must be ``tenant``'s."""
+    if res.how == "none" and not res.complete:
+        raise Retry("ownership records are being rebuilt after a restart of the ownership store; "
+                    "retry in a moment")
+    if not res.owned_by(tenant):
+        raise NotFound(endpoints.MISSING[kind].format(ref=ref))
+
+
 @dataclass(frozen=True)
 class _Admitted:
     """The identity the request hook admitted a request for (tenant only)."""
@@ -403,9 +540,12 @@ def _payload_fingerprint(who: str, payload: Mapping[str, Any]) -> str:
 
 
 def _request_id(payload: Mapping[str, Any]) -> str:
-    for k, v in (payload.get("RequestHeaders") or {}).items():
-        if k.lower() == "x-request-id" and isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable():
-            return v
+    headers = payload.get("RequestHeaders")
+    if isinstance(headers, Mapping):  # else refused by the parse, with this id (never raised here)
+        for k, v in headers.items():
+            if isinstance(k, str) and k.lower() == "x-request-id" and isinstance(v, str) and 0 < len(v) <= 64 \
+                    and v.isprintable():
+                return v
     return logfmt.new_request_id()
 
 

@@ -77,6 +77,15 @@ class Headers(Mapping[str, str]):
     def __init__(self, raw: Mapping[str, str] | None):
         self._d = {str(k).lower(): str(v) for k, v in (raw or {}).items()}
 
+    @classmethod
+    def of_lowered(cls, lowered: dict[str, str]) -> "Headers":
+        """The map whose :meth:`lowered` is ``lowered`` (lower-case names,
+        string values; taken as it is, not copied): for a caller that has
+        lowered the engine's map already."""
+        h = cls.__new__(cls)
+        h._d = lowered
+        return h
+
     def __getitem__(self, key: str) -> str:
         return self._d[key.lower()]
 

@@ -500,7 +500,11 @@ def tenant_filter(req: Request, tenant: str) -> None:
     the legacy ``{"label": ["k=v"]}``.  A second ``filters`` parameter is
     refused (the engine reads the first, a proxy might read the last).
     """
-    values = req.qall("filters")
+    tenant_filter_values(req.qall("filters"), tenant)
+
+
+def tenant_filter_values(values: list[str], tenant: str) -> None:
+    """:func:`tenant_filter` on the ``filters`` values of a query, in order."""
     if len(values) == 1 and _canonical_filter(values[0], tenant):
         return  # what the checks below accept for this exact value (tests/unit/test_fastpaths.py)
     _tenant_filter(values, tenant)
@@ -644,11 +648,13 @@ def cheap_need(tenant: str, need: Need) -> bool | None:
     caller's scoped form nor something the engine could read as an id is
     never the caller's: False.  Otherwise None: ask the store.
     """
-    if is_scoped_for(tenant, need.ref):
+    return cheap_ref(tenant, need.ref)
+
+
+def cheap_ref(tenant: str, ref: str) -> bool | None:
+    """:func:`cheap_need` of a reference ``ref`` of any kind (volumes are
+    found by exact name only, anonymous ones have hex names; the rule is
+    the same for every kind)."""
+    if is_scoped_for(tenant, ref):
         return True
-    if need.kind == "volume":
-        # volumes are found by exact name only; anonymous ones have hex names
-        return None if looks_like_id(need.ref) else False
-    if need.kind == "exec":
-        return None if looks_like_id(need.ref) else False
-    return None if looks_like_id(need.ref) else False
+    return None if looks_like_id(ref) else False

@@ -67,6 +67,57 @@ class BadRequest(Exception):
         self.status = status
 
 
+def read_head(head: bytes) -> tuple[bytes, int | None, bool, bool]:
+    """A request head (without its blank line) as ``(path, content_length,
+    chunked, keep_alive)``, or :class:`BadRequest`: the module doc's rules.
+    Pure: :class:`Conn` remembers its answers (``_HEADS``)."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[1].startswith(b"/"):
+        raise BadRequest(400, "bad request line")
+    method, path, version = parts
+    length: int | None = None
+    chunked = False
+    keep = version == b"HTTP/1.1"
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name.strip() != name:
+            raise BadRequest(400, "bad header line")  # also obsolete line folding (leading white space)
+        if len(name) not in _READ_LENGTHS:
+            continue  # validated, and none of the three read below: most of the engine's headers
+        name, value = name.lower(), value.strip()
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                raise BadRequest(400, "bad or repeated Content-Length")
+            length = int(value)
+        elif name == b"transfer-encoding":
+            if chunked or value.lower() != b"chunked":
+                raise BadRequest(400, "unsupported Transfer-Encoding")
+            chunked = True
+        elif name == b"connection":
+            tokens = {t.strip() for t in value.lower().split(b",")}
+            if b"close" in tokens:
+                keep = False
+            elif b"keep-alive" in tokens:
+                keep = True
+    if chunked and length is not None:
+        raise BadRequest(400, "both Content-Length and Transfer-Encoding")
+    if method != b"POST":
+        raise BadRequest(405, "only POST")
+    return path, length, chunked, keep
+
+
+#: :func:`read_head`'s answers for the last heads it read (a dict cleared
+#: when it holds ``_HEADS_MAX``): the engine sends the same head again and
+#: again -- its plugin client's fixed headers, the hook's path, the body's
+#: length -- and each costs a split and a loop over its lines.  Pure: the
+#: answer depends on the head's bytes alone and is immutable; a refusal is
+#: raised afresh every time.  Heads of at most ``_HEAD_MEMO_MAX`` bytes.
+_HEADS: dict[bytes, tuple[bytes, int | None, bool, bool]] = {}
+_HEADS_MAX = 256
+_HEAD_MEMO_MAX = 1024
+
+
 class Conn:
     """One engine connection: a strict HTTP/1.1 request reader over a
     blocking socket (pure but for ``recv``)."""
@@ -95,41 +146,24 @@ class Conn:
                 if self.buf:
                     raise BadRequest(400, "connection closed inside a request head")
                 return None
-        head, self.buf = self.buf[:end], self.buf[end + 4:]
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") or not parts[1].startswith(b"/"):
-            raise BadRequest(400, "bad request line")
-        method, path, version = parts
-        length: int | None = None
-        chunked = False
-        keep = version == b"HTTP/1.1"
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name.strip() != name:
-                raise BadRequest(400, "bad header line")  # also obsolete line folding (leading white space)
-            if len(name) not in _READ_LENGTHS:
-                continue  # validated, and none of the three read below: most of the engine's headers
-            name, value = name.lower(), value.strip()
-            if name == b"content-length":
-                if length is not None or not value.isdigit():
-                    raise BadRequest(400, "bad or repeated Content-Length")
-                length = int(value)
-            elif name == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    raise BadRequest(400, "unsupported Transfer-Encoding")
-                chunked = True
-            elif name == b"connection":
-                tokens = {t.strip() for t in value.lower().split(b",")}
-                if b"close" in tokens:
-                    keep = False
-                elif b"keep-alive" in tokens:
-                    keep = True
-        if chunked and length is not None:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if method != b"POST":
-            raise BadRequest(405, "only POST")
-        body = self._chunked() if chunked else self._exactly(length or 0)
+        buf = self.buf
+        head = buf[:end]
+        framing = _HEADS.get(head)
+        if framing is None:
+            framing = read_head(head)  # raises BadRequest: a refusal is never remembered
+            if end <= _HEAD_MEMO_MAX:
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[head] = framing
+        path, length, chunked, keep = framing
+        start = end + 4
+        n = length or 0
+        if not chunked and len(buf) - start == n and n <= MAX_BODY:
+            # the usual: this request and nothing after it (one copy of the body, not two)
+            self.buf = b""
+            return path, buf[start:], keep
+        self.buf = buf[start:]
+        body = self._chunked() if chunked else self._exactly(n)
         return path, body, keep
 
     def _exactly(self, n: int) -> bytes:
