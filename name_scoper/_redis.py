@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import socket
 from typing import Any
 
@@ -43,15 +44,25 @@ from authz_plugin import resp
 
 
 class _Conn(asyncio.Protocol):
-    """One connection: replies handed to the waiting commands in order."""
+    """One connection: replies handed to the waiting commands in order.
 
-    def __init__(self) -> None:
+    Each command's reply is due ``timeout`` seconds after it was sent: ONE
+    timer per connection watches the oldest command still waiting (a timer
+    armed and cancelled per command cost more than the rest of it), and
+    fails the connection when that one is late -- the later ones, behind it
+    on the same connection, are then late too."""
+
+    def __init__(self, timeout: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(encoding="utf-8")
-        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        #: (the command's future, loop time its reply is due by), oldest first;
+        #: a cancelled command keeps its place until its reply comes
+        self.waiting: collections.deque[tuple[asyncio.Future, float]] = collections.deque()
         self.closed = False
         #: it has carried a command already (a failure may be a stale connection's)
         self.used = False
+        self.timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -69,7 +80,7 @@ class _Conn(asyncio.Protocol):
                     return
                 if not waiting:
                     raise InvalidResponse("Redis sent a reply no command waits for")
-                fut = waiting.popleft()
+                fut = waiting.popleft()[0]
                 if not fut.done():
                     fut.set_result(reply)
         except hiredis.ProtocolError as e:
@@ -85,18 +96,39 @@ class _Conn(asyncio.Protocol):
     def fail(self, error: redis.RedisError) -> None:
         """Close, and fail every command waiting here with ``error``."""
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
         waiting, self.waiting = self.waiting, collections.deque()
-        for fut in waiting:
+        for fut, _ in waiting:
             if not fut.done():
                 fut.set_exception(error)
 
     def send(self, payload: bytes) -> asyncio.Future:
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting.append(fut)
+        """Send one packed command; its future gets the reply, or the
+        connection's failure (:class:`redis.TimeoutError` when late)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        due = loop.time() + self.timeout
+        self.waiting.append((fut, due))
         self.transport.write(payload)
+        if self._timer is None:
+            self._timer = loop.call_at(due, self._watch)
         return fut
+
+    def _watch(self) -> None:
+        """The timer: fail a late connection, else watch its oldest command."""
+        self._timer = None
+        if not self.waiting or self.closed:
+            return
+        due = self.waiting[0][1]
+        loop = asyncio.get_running_loop()
+        if loop.time() >= due:
+            self.fail(redis.TimeoutError("Timeout reading from socket"))
+        else:
+            self._timer = loop.call_at(due, self._watch)
 
 
 class AsyncRedis:
@@ -121,10 +153,11 @@ class AsyncRedis:
         where = lean.path or f"{lean.host}:{lean.port}"
         try:
             async with asyncio.timeout(lean.connect_timeout):
+                make = functools.partial(_Conn, self.timeout)
                 if lean.path:
-                    _, conn = await loop.create_unix_connection(_Conn, lean.path)
+                    _, conn = await loop.create_unix_connection(make, lean.path)
                 else:
-                    _, conn = await loop.create_connection(_Conn, lean.host, lean.port)
+                    _, conn = await loop.create_connection(make, lean.host, lean.port)
         except TimeoutError as e:
             raise redis.TimeoutError(f"Timeout connecting to {where}") from e
         except OSError as e:
@@ -133,15 +166,11 @@ class AsyncRedis:
         if hello:
             futs = [conn.send(resp.pack(c)) for c in hello]
             try:
-                async with asyncio.timeout(self.timeout):
-                    for fut in futs:
-                        reply = await fut
-                        if isinstance(reply, hiredis.ReplyError):
-                            # a wrong password or db: the server's words, never ours (no secret in them)
-                            raise redis.ConnectionError(f"Redis refused the connection set-up: {reply}")
-            except TimeoutError as e:
-                conn.fail(redis.TimeoutError("Timeout reading from socket"))
-                raise redis.TimeoutError("Timeout reading from socket") from e
+                for fut in futs:
+                    reply = await fut
+                    if isinstance(reply, hiredis.ReplyError):
+                        # a wrong password or db: the server's words, never ours (no secret in them)
+                        raise redis.ConnectionError(f"Redis refused the connection set-up: {reply}")
             except BaseException:
                 conn.fail(redis.ConnectionError("connection set-up failed"))
                 raise
@@ -168,13 +197,8 @@ class AsyncRedis:
         for attempt in (1, 2):
             conn = await self._get()
             reused, conn.used = conn.used, True
-            fut = conn.send(payload)
             try:
-                async with asyncio.timeout(self.timeout):
-                    reply = await fut
-            except TimeoutError as e:
-                conn.fail(redis.TimeoutError("Timeout reading from socket"))
-                raise redis.TimeoutError("Timeout reading from socket") from e
+                reply = await conn.send(payload)
             except redis.ConnectionError:
                 if attempt == 1 and retry and reused:
                     continue
