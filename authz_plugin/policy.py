@@ -55,7 +55,7 @@ from .errors import (BadRequest, Denied, FdcsError, Forbidden, IdentityUnavailab
                      StoreUnavailable, Suspended, Unsupported)
 from .ownership import Store
 from .quota import KEEP, QuotaStore, fingerprint
-from .request import _MEMO_QUERY_MAX, Headers, Request, _query, _query_memo, check_version, parse
+from .request import Headers, Request, check_version, parse, parse_query
 from .scoping import TENANT_LABEL
 
 log = logging.getLogger(__name__)
@@ -230,13 +230,12 @@ class Authorizer:
             if version not in self._versions_ok:
                 check_version(version, self.min_version, self.max_version)
                 self._versions_ok.add(version)  # (pure, for this authorizer's bounds)
-            query = ((_query_memo(raw_query) if len(raw_query) <= _MEMO_QUERY_MAX else _query(raw_query))
-                     if raw_query else ())
+            query = parse_query(raw_query or "")
         except BadRequest:
             return None
         # what _request_id reads (one value per lower-case name: checked above)
         rid = lowered.get("x-request-id")
-        if rid is None or not 0 < len(rid) <= 64 or not rid.isprintable():
+        if not _sane_request_id(rid):
             rid = logfmt.new_request_id()
         path = _LIST_PATH if ref is None else uri[m.end(1):]
         tenant = user = resource = ""
@@ -539,12 +538,16 @@ def _payload_fingerprint(who: str, payload: Mapping[str, Any]) -> str:
     return fingerprint(who, str(payload.get("RequestMethod") or ""), str(payload.get("RequestUri") or ""), raw)
 
 
+def _sane_request_id(v) -> bool:
+    """A client's ``X-Request-Id`` is used as it is: printable, 1 -- 64 characters."""
+    return isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable()
+
+
 def _request_id(payload: Mapping[str, Any]) -> str:
     headers = payload.get("RequestHeaders")
     if isinstance(headers, Mapping):  # else refused by the parse, with this id (never raised here)
         for k, v in headers.items():
-            if isinstance(k, str) and k.lower() == "x-request-id" and isinstance(v, str) and 0 < len(v) <= 64 \
-                    and v.isprintable():
+            if isinstance(k, str) and k.lower() == "x-request-id" and _sane_request_id(v):
                 return v
     return logfmt.new_request_id()
 

@@ -186,6 +186,15 @@ _query_memo = functools.lru_cache(maxsize=256)(_query)
 _MEMO_QUERY_MAX = 1024
 
 
+def parse_query(raw_query: str) -> tuple:
+    """The ``(name, value)`` pairs of a request's raw query, as Go's
+    ``url.ParseQuery`` reads it (BadRequest where it refuses); remembered
+    for queries up to :data:`_MEMO_QUERY_MAX` characters."""
+    if not raw_query:
+        return ()
+    return _query_memo(raw_query) if len(raw_query) <= _MEMO_QUERY_MAX else _query(raw_query)
+
+
 def check_version(version: str, min_version: str, max_version: str) -> None:
     """BadRequest unless ``version`` (of a ``/v<version>/`` path prefix) is
     written canonically (``1.41``) and lies within the bounds."""
@@ -244,7 +253,7 @@ def parse(
     elif path not in UNVERSIONED_OK:
         raise BadRequest("the API version is missing from the path (e.g. /v1.41/...)")
 
-    query = (_query_memo(raw_query) if len(raw_query) <= _MEMO_QUERY_MAX else _query(raw_query)) if raw_query else ()
+    query = parse_query(raw_query)
 
     hdrs = Headers(headers)
     media_type = _media_type(hdrs)

@@ -133,19 +133,27 @@ class Conn:
         self.buf += data
         return True
 
-    def read(self) -> tuple[bytes, bytes, bool] | None:
-        """The next request as ``(path, body, keep_alive)``; None when the
-        peer closed between requests.  Raises :class:`BadRequest`."""
+    def head_end(self) -> int | None:
+        """Where the next request's head ends in ``buf`` (reading until it is
+        in); None when the peer closed between requests.  Raises
+        :class:`BadRequest`."""
         while True:
             end = self.buf.find(b"\r\n\r\n")
             if end >= 0:
-                break
+                return end
             if len(self.buf) > MAX_HEAD:
                 raise BadRequest(400, "request head too large")
             if not self._fill():
                 if self.buf:
                     raise BadRequest(400, "connection closed inside a request head")
                 return None
+
+    def read(self) -> tuple[bytes, bytes, bool] | None:
+        """The next request as ``(path, body, keep_alive)``; None when the
+        peer closed between requests.  Raises :class:`BadRequest`."""
+        end = self.head_end()
+        if end is None:
+            return None
         buf = self.buf
         head = buf[:end]
         framing = _HEADS.get(head)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from authz_plugin import worker
-from authz_plugin.worker import MAX_BODY, MAX_HEAD, BadRequest, Conn
+from authz_plugin.worker import MAX_BODY, BadRequest, Conn
 
 
 class _Reference(Conn):
@@ -20,16 +20,9 @@ class _Reference(Conn):
     (the head rules, moved there unchanged)."""
 
     def read(self):
-        while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end >= 0:
-                break
-            if len(self.buf) > MAX_HEAD:
-                raise BadRequest(400, "request head too large")
-            if not self._fill():
-                if self.buf:
-                    raise BadRequest(400, "connection closed inside a request head")
-                return None
+        end = self.head_end()
+        if end is None:
+            return None
         head, self.buf = self.buf[:end], self.buf[end + 4:]
         path, length, chunked, keep = worker.read_head(head)
         body = self._chunked() if chunked else self._exactly(length or 0)
