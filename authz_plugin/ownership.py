@@ -437,6 +437,110 @@ def owners_reply(raw, n: int) -> list[str | None]:
     return raw
 
 
+#: the shortest id prefix whose positive answer :class:`OwnedMemo` keeps
+#: (what ``docker ps`` shows; see there why a shorter one is never kept)
+MEMO_MIN_PREFIX = 12
+
+
+class OwnedMemo:
+    """One worker's positive answers to "is container reference ``ref``
+    ``tenant``'s?", each kept ``ttl`` seconds (:data:`policy.OWNED_TTL`) on
+    the monotonic ``clock``, at most ``size`` of them: the request hook's
+    ownership check of a container reference asks here before it asks Redis
+    (:meth:`Store.resolve`).
+
+    Why a kept "yes" is still the answer while it is kept:
+
+    * A container's owner does not change during its life.  The tenant
+      label is set at create and the engine cannot change a label; the
+      records follow the label (the reconciler).  ``fdcs-manage adopt``
+      gives a tenant only an *orphan* (no label, no record: never a "yes");
+      an adoption is dropped only with its container (``drop_stale_adoptions``),
+      by a purge, which suspends the tenant first -- and the suspended
+      check runs before this memo on every request -- or with all of a
+      retired host's records (a dead host, or ``--force``: then the tenant
+      may read what was its container for up to ``ttl`` more).
+    * Ids are 64 random hex digits (moby ``stringid.GenerateRandomID``,
+      ``crypto/rand``) and never reused; the record's host is the worker's
+      own (``Store.host``, fixed per process).
+    * The engine resolves a reference as a full id, then an exact name, then
+      a unique id prefix (moby 20.10 ``daemon.GetContainer``; two or more
+      ids with the prefix: ``ErrAmbiguousPrefix``, an error, nothing shown).
+      Only ``how == "id"`` (a full id of this host) and ``how == "prefix"``
+      of one id, the reference at least :data:`MEMO_MIN_PREFIX` digits, are
+      kept.  For a full id nothing else can ever be found first.  For such a
+      prefix the engine finds another container only if (a) an
+      administrator names a container exactly that hex string (tenants'
+      names are scoped, ``<tenant>_<name>``, never hex only), or (b) the
+      tenant's container is removed and, within ``ttl``, another container
+      is created whose id starts with the same 12 or more digits
+      (2**-48 per create; while the tenant's container exists, such a
+      container makes the prefix ambiguous: the engine's error).  A kept
+      "yes" for a removed container otherwise meets the engine's own 404.
+    * Never kept: an exact-name answer (a hex-only name may be freed by a
+      rename and then be read as a prefix of another tenant's id), a
+      shorter prefix (a removed container's short prefix may match a new
+      container), "no", "not yours", "being rebuilt" (Retry), anything
+      when Redis failed -- :meth:`keep` is called only after the answer
+      was accepted, and keeps only a single match owned by ``tenant``.
+
+    Threads: a worker serves each engine connection on its own thread and
+    they share this memo.  Every operation on ``_kept`` is one call of a
+    built-in dict method (``get``, item assignment, ``pop``, ``clear``,
+    ``items`` copied by ``tuple``) on keys of ``str`` tuples, which hash and
+    compare without running Python code: each is atomic under the GIL.
+    The values are immutable tuples.  A race costs at most one extra round
+    trip (an entry cleared or replaced under another thread), never a
+    wrong "yes": every value written is a checked positive answer.
+    """
+
+    __slots__ = ("ttl", "size", "clock", "_kept")
+
+    def __init__(self, ttl: float, size: int = 4096, clock=time.monotonic):
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        #: (tenant, ref) -> (expiry on ``clock``, the container's full id)
+        self._kept: dict[tuple[str, str], tuple[float, str]] = {}
+
+    def owned(self, tenant: str, ref: str) -> bool:
+        """True while a "yes" for ``ref`` and ``tenant`` is kept and fresh."""
+        e = self._kept.get((tenant, ref))
+        return e is not None and self.clock() < e[0]
+
+    def keep(self, tenant: str, ref: str, res: "Resolution") -> None:
+        """Keep the answer ``res`` to ``ref`` if it is a positive one that
+        may be kept (see the class docstring); else nothing."""
+        if not keepable(res, ref, tenant):
+            return
+        kept = self._kept
+        if len(kept) >= self.size:
+            kept.clear()  # simplest bound: the hot entries come back at their next miss
+        kept[(tenant, ref)] = (self.clock() + self.ttl, res.matches[0][0])
+
+    def drop(self, tenant: str, ref: str, cid: str | None) -> None:
+        """Forget ``ref`` of ``tenant`` and every reference kept for the full
+        id ``cid`` (a container this worker saw removed; tidiness only)."""
+        kept = self._kept
+        kept.pop((tenant, ref), None)
+        if cid:
+            for key, (_, target) in tuple(kept.items()):
+                if target == cid:
+                    kept.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+def keepable(res: "Resolution", ref: str, tenant: str) -> bool:
+    """Whether :class:`OwnedMemo` may keep ``res``, the answer to container
+    reference ``ref``: one match, ``tenant``'s, found as this host's full id
+    or as a prefix of at least :data:`MEMO_MIN_PREFIX` digits."""
+    matches = res.matches
+    return (len(matches) == 1 and matches[0][1] == tenant and bool(tenant)
+            and (res.how == "id" or (res.how == "prefix" and len(ref) >= MEMO_MIN_PREFIX)))
+
+
 class Store:
     """Ownership records of one host's view; every method raises
     :class:`StoreUnavailable` on a Redis failure."""
