@@ -35,6 +35,7 @@ from authz_plugin import endpoints, shapes
 from authz_plugin.config import Config
 from authz_plugin.errors import BadRequest, FdcsError
 from authz_plugin.ownership import owners_command, owners_reply, store_error
+from authz_plugin.policy import OWNED_TTL
 from authz_plugin.quota import QuotaPolicy
 from authz_plugin.request import check_version, parse as parse_request
 from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL, looks_like_id
@@ -66,6 +67,8 @@ class Context:
     default_network_ttl: float = 60.0
     #: one default-network check per tenant at a time (one small lock per tenant seen)
     default_network_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    #: the owners the records gave to listed containers (see :class:`OwnersSeen`)
+    owners_seen: "OwnersSeen" = field(default_factory=lambda: OwnersSeen(OWNED_TTL))
 
     @functools.cached_property
     def quota(self) -> QuotaPolicy:
@@ -178,16 +181,78 @@ def _resolve(ctx: Context, scope: Scope, kind: str, ref: str) -> str:
     return value if how in ("id", "name") else ref
 
 
+class OwnersSeen:
+    """The owners the ownership records gave to containers a list showed,
+    each kept ``ttl`` seconds (:data:`authz_plugin.policy.OWNED_TTL`, the
+    plugin's bound for its own kept answers) on the monotonic ``clock``, at
+    most ``size`` of them: a tenant's ``docker ps`` asks Redis only about the
+    ids it has not seen lately.
+
+    Why a kept owner is still the record's: a container's owner does not
+    change during its life (the label is set at create and the engine cannot
+    change it; the records follow the label; ``fdcs-manage adopt`` gives an
+    owner only to an orphan, which has no record, so nothing was kept for
+    it; ``fdcs-manage host retire --force`` of a live host drops records of
+    containers that still run: a list may show them to their tenant for
+    ``ttl`` more seconds, as the plugin's :class:`~authz_plugin.ownership.OwnedMemo`
+    lets it read them).  Container ids are 64 random hex digits, never
+    reused, and a list only holds containers the engine has now: a kept
+    owner of a removed container is never asked for.  Only a record's owner
+    is kept: no record (an orphan, a conflict of labels) and a failed read
+    are asked again every time.
+
+    One event loop uses it (no locks)."""
+
+    __slots__ = ("ttl", "size", "clock", "_owners")
+
+    def __init__(self, ttl: float, size: int = 65536, clock=time.monotonic):
+        self.ttl = ttl
+        self.size = size
+        self.clock = clock
+        #: full id -> (expiry on ``clock``, owner)
+        self._owners: dict[str, tuple[float, str]] = {}
+
+    def split(self, ids: list[str]) -> tuple[dict[str, str], list[str]]:
+        """(id -> owner for the ids kept and fresh, the others in order)."""
+        now = self.clock()
+        known: dict[str, str] = {}
+        ask: list[str] = []
+        get = self._owners.get
+        for i in ids:
+            e = get(i)
+            if e is not None and now < e[0]:
+                known[i] = e[1]
+            else:
+                ask.append(i)
+        return known, ask
+
+    def keep(self, ids: list[str], owners: list[str | None]) -> None:
+        """Keep the owners the records gave ``ids`` (``owners``, in the same order; None: no record)."""
+        kept = self._owners
+        if len(kept) + len(ids) > self.size:
+            kept.clear()  # simplest bound: the listed ids come back at their next miss
+        expiry = self.clock() + self.ttl
+        for i, owner in zip(ids, owners):
+            if owner is not None:
+                kept[i] = (expiry, owner)
+
+
 def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
     """Which of the listed container ids the ownership records give to the
-    caller (one blocking Redis round trip, like ``_resolve``): a label the
-    container inherited from its image is no proof of ownership."""
-    return _kept(scope, ids, ctx.store.owners("container", ids))
+    caller (one blocking Redis round trip, like ``_resolve``, for the ids
+    not seen lately, see :class:`OwnersSeen`): a label the container
+    inherited from its image is no proof of ownership."""
+    known, ask = ctx.owners_seen.split(ids)
+    if ask:
+        owners = ctx.store.owners("container", ask)
+        ctx.owners_seen.keep(ask, owners)
+        known.update(zip(ask, owners))
+    return _kept(scope, known)
 
 
-def _kept(scope: Scope, ids: list[str], owners: list[str | None]) -> set[str]:
-    """Of ``ids``, those whose owner (``owners``, in the same order) is the caller."""
-    return {i for i, owner in zip(ids, owners) if owner == scope.tenant}
+def _kept(scope: Scope, owners: dict[str, str | None]) -> set[str]:
+    """Of the ids of ``owners`` (id -> owner), those whose owner is the caller."""
+    return {i for i, owner in owners.items() if owner == scope.tenant}
 
 
 async def _ensure_default_network(ctx: Context, scope: Scope, engine: Engine) -> None:
@@ -303,11 +368,16 @@ async def _listed_on_loop(ctx: Context, scope: Scope, body: bytes) -> bytes:
     mine, ids = rewrite.containers_labelled(body, scope)
     keep = None
     if mine:
-        try:
-            raw = await ctx.redis.execute(*owners_command("container", ids), retry=True)
-        except redis.RedisError as e:
-            raise store_error(e) from e
-        keep = _kept(scope, ids, owners_reply(raw, len(ids)))
+        known, ask = ctx.owners_seen.split(ids)
+        if ask:
+            try:
+                raw = await ctx.redis.execute(*owners_command("container", ask), retry=True)
+            except redis.RedisError as e:
+                raise store_error(e) from e
+            owners = owners_reply(raw, len(ask))
+            ctx.owners_seen.keep(ask, owners)
+            known.update(zip(ask, owners))
+        keep = _kept(scope, known)
     return rewrite.containers_out(mine, scope, keep)
 
 

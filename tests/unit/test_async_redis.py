@@ -267,3 +267,116 @@ def test_the_list_reads_on_the_loop_only_while_other_requests_are_served(server)
     assert [c["Names"] for c in json.loads(run(main(1)))] == [["/web"]]  # the store's client: served
     with pytest.raises(StoreUnavailable):
         run(main(2))  # the loop's client: refused, nothing unfiltered
+
+
+# -- the owners a list saw (handlers.OwnersSeen) ------------------------------------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _counting(st: Store) -> list[list[str]]:
+    """Every ``owners`` call of ``st`` from now on, by the ids it asked about."""
+    asked: list[list[str]] = []
+    real = st.owners
+
+    def owners(kind, ids):
+        asked.append(list(ids))
+        return real(kind, ids)
+    st.owners = owners
+    return asked
+
+
+def _seen_lists(st: Store, clock: _Clock, url: str | None = None, in_flight: int = 1):
+    ctx, lists = _lists(st, url, in_flight)
+    ctx.owners_seen = handlers.OwnersSeen(handlers.OWNED_TTL, clock=clock)
+    return ctx, lists
+
+
+@needs_redis
+def test_a_list_asks_the_records_only_about_ids_it_has_not_seen_within_the_ttl(server):
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C3, "t2", "t2_x")
+    asked = _counting(st)
+    clock = _Clock()
+    _, lists = _seen_lists(st, clock)
+    names = lambda: [c["Names"] for c in json.loads(lists.json(200, LIST))]  # noqa: E731
+
+    assert names() == [["/web"]]
+    assert asked == [[C1, C3]]  # the two labelled t1
+    clock.now += handlers.OWNED_TTL - 0.01
+    assert names() == [["/web"]]  # C3 is still t2's by its kept record: still hidden
+    assert asked == [[C1, C3]]  # nothing asked
+    clock.now += 0.02
+    assert names() == [["/web"]]
+    assert asked == [[C1, C3], [C1, C3]]  # expired: asked again
+
+
+@needs_redis
+def test_no_record_and_failed_reads_are_never_kept(server):
+    """An id without a record (an orphan, a conflict of labels) is asked
+    about on every list, and so fails closed when Redis cannot answer,
+    where an id whose record was seen is answered from what was kept."""
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")  # C3: no record
+    asked = _counting(st)
+    clock = _Clock()
+    ctx, lists = _seen_lists(st, clock)
+    assert [c["Names"] for c in json.loads(lists.json(200, LIST))] == [["/web"]]
+    assert [c["Names"] for c in json.loads(lists.json(200, LIST))] == [["/web"]]
+    assert asked == [[C1, C3], [C3]]
+
+    st.add("container", C3, "t1", "t1_x")  # now it has one: seen at once
+    assert len(json.loads(lists.json(200, LIST))) == 2
+    assert asked[-1] == [C3]
+
+    def down(kind, ids):
+        raise StoreUnavailable("ownership store unavailable, retry")
+    st.owners = down
+    only_c1 = json.dumps([json.loads(LIST)[0]]).encode()
+    assert [c["Names"] for c in json.loads(lists.json(200, only_c1))] == [["/web"]]  # kept: no read
+    new = json.dumps([{"Id": C2, "Names": ["/t1_new"], "Labels": {"org.fiware.fdcs.tenant": "t1"}}]).encode()
+    with pytest.raises(StoreUnavailable):
+        lists.json(200, new)  # not seen: asked, refused
+
+
+@needs_redis
+def test_the_loop_client_keeps_and_uses_the_same_owners(server):
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C3, "t2", "t2_x")
+    clock = _Clock()
+
+    async def main(url):
+        ctx, lists = _seen_lists(st, clock, url, in_flight=2)
+        try:
+            first = await _rewritten(lists, 200, LIST)
+            ctx.redis.close()
+            ctx.redis = _client(f"redis://127.0.0.1:{_free_port()}/0")  # cannot connect from now on
+            second = await _rewritten(lists, 200, LIST)  # every id kept: Redis not asked
+            clock.now += handlers.OWNED_TTL + 1
+            with pytest.raises(StoreUnavailable):
+                await _rewritten(lists, 200, LIST)  # expired: asked, and it cannot answer
+            return first, second
+        finally:
+            ctx.redis.close()
+
+    first, second = run(main(server.url))
+    assert first == second
+    assert [c["Names"] for c in json.loads(first)] == [["/web"]]
+
+
+def test_owners_seen_is_bounded_and_keeps_only_owners():
+    clock = _Clock()
+    seen = handlers.OwnersSeen(2.0, size=3, clock=clock)
+    seen.keep(["a", "b", "c"], ["t1", None, "t2"])
+    assert seen.split(["a", "b", "c"]) == ({"a": "t1", "c": "t2"}, ["b"])
+    seen.keep(["d", "e"], ["t1", "t1"])  # 2 kept + 2 > 3: cleared first
+    assert seen.split(["a", "c", "d", "e"]) == ({"d": "t1", "e": "t1"}, ["a", "c"])
+    clock.now += 2.0
+    assert seen.split(["d"]) == ({}, ["d"])
