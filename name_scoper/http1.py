@@ -180,10 +180,17 @@ MSG_TWO_LENGTHS = "more than one Content-Length is not accepted"
 MSG_CL_AND_TE = "Content-Length together with Transfer-Encoding is not accepted"
 
 
-def _parse_head(head: bytes, first_re, what: str):
+def _parse_head(head: bytes, first_re, what: str, memo: list | None = None):
     """(first-line match, Headers, their lower-case names, content-length or
     None, chunked) of ``head``: a message head up to and with its last
     line's end (the empty line that ends it left out).
+
+    ``memo``: a connection's ``[header lines, their parse]`` of its last head
+    that parsed, updated here.  A head whose header lines are byte for byte
+    the last one's gets that parse again (a new ``Headers`` of the same
+    pairs) without going through them: a client repeats its headers on
+    every request of a connection, the engine its own within a second.
+    Nothing that failed is kept, and the first line is always parsed.
 
     RemoteProtocolError when any part is out of grammar, the first bad part
     named as :func:`_refuse_header_lines` names it.
@@ -205,7 +212,11 @@ def _parse_head(head: bytes, first_re, what: str):
     m = first_re.fullmatch(first)
     if m is None:
         raise RemoteProtocolError(f"illegal {what} line")
-    block = head[nl + 1:].replace(b"\r\n", b"\n")
+    lines = head[nl + 1:]
+    if memo is not None and memo[0] == lines:
+        pairs, raw, names, cl, chunked = memo[1]
+        return m, Headers(pairs, raw), names, cl, chunked
+    block = lines.replace(b"\r\n", b"\n")
     if block.translate(None, _LINES_CHARS):
         _refuse_header_lines(head[nl + 1:])
     raw = []
@@ -236,6 +247,9 @@ def _parse_head(head: bytes, first_re, what: str):
         if te.strip().lower() != b"chunked":
             raise RemoteProtocolError("only Transfer-Encoding: chunked is supported", 501, plain=True)
         chunked = True
+    if memo is not None:
+        raw, names = tuple(raw), tuple(names)  # shared by every Headers of the memo: never changed
+        memo[0], memo[1] = lines, (pairs, raw, names, cl, chunked)
     return m, Headers(pairs, raw), names, cl, chunked
 
 
@@ -308,6 +322,8 @@ class Connection:
         self._in_end = False
         #: how much of the buffer is known to hold no head's end
         self._scanned = 0
+        #: the last head's header lines and their parse (see _parse_head)
+        self._head_memo: list = [None, None]
         # body writing
         self._out_mode = None
         self._out_left = 0
@@ -376,7 +392,7 @@ class Connection:
         return self._response(head)
 
     def _request(self, head: bytes):
-        m, headers, names, cl, chunked = _parse_head(head, _REQUEST_LINE, "request")
+        m, headers, names, cl, chunked = _parse_head(head, _REQUEST_LINE, "request", self._head_memo)
         method, target, version = m.groups()
         if version == b"1.1" and b"host" not in names:
             raise RemoteProtocolError("missing mandatory Host header", plain=True)
@@ -395,7 +411,7 @@ class Connection:
     def _response(self, head: bytes):
         if self.our_state not in (SEND_BODY, DONE, MUST_CLOSE):
             raise RemoteProtocolError("a response before a request")
-        m, headers, names, cl, chunked = _parse_head(head, _STATUS_LINE, "status")
+        m, headers, names, cl, chunked = _parse_head(head, _STATUS_LINE, "status", self._head_memo)
         version, status, reason = m.group(1), int(m.group(2)), m.group(3) or b""
         self.their_http_version = version
         if status < 200:

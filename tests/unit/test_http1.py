@@ -474,3 +474,86 @@ def test_a_client_that_says_close_is_answered_with_close():
         b"HTTP/1.1 200 \r\ncontent-length: 0\r\n\r\n"
     c.send(http1.EndOfMessage())
     assert c.our_state is http1.DONE
+
+
+# -- a connection's last head remembered (_parse_head's memo) ------------------------------------
+
+def _cycle(c: http1.Connection) -> None:
+    """Answer the request read on server connection ``c`` and start the next cycle."""
+    c.send(http1.Response(status_code=200, headers=[(b"content-length", b"0")]))
+    c.send(http1.EndOfMessage())
+    c.start_next_cycle()
+
+
+def _seen(evs) -> tuple:
+    r = evs[0]
+    return (r.method, r.target, r.http_version, list(r.headers), r.headers.raw_items(),
+            [(type(e), getattr(e, "data", None)) for e in evs[1:]])
+
+
+@pytest.mark.parametrize("data", VALID_REQUESTS)
+def test_a_repeated_head_reads_as_it_did_the_first_time(data):
+    """The same request twice on one connection: the second read (from the
+    memo) equals the first and a fresh connection's, framing included."""
+    c = server()
+    first = events(c, data)
+    _cycle(c)
+    second = events(c, data)
+    assert c._head_memo[0] is not None  # it was a hit, not a second parse
+    assert _seen(second) == _seen(first) == _seen(events(server(), data))
+
+
+def test_the_memo_answers_only_the_very_same_header_lines():
+    c = server()
+    a = b"GET /a HTTP/1.1\r\nHost: d\r\nX-Auth-Token: t1\r\n\r\n"
+    evs = events(c, a)
+    evs[0].headers.append((b"x-added", b"by a caller"))  # a caller's change stays its own
+    _cycle(c)
+    # another request line, the same header lines: the first line is parsed anew
+    req = events(c, a.replace(b"/a HTTP/1.1", b"/b HTTP/1.0"))[0]
+    assert (req.target, req.http_version) == (b"/b", b"1.0")
+    assert list(req.headers) == [(b"host", b"d"), (b"x-auth-token", b"t1")]
+    c = server()
+    events(c, a)
+    _cycle(c)
+    req = events(c, a.replace(b"t1", b"t2"))[0]  # another token: parsed anew
+    assert list(req.headers) == [(b"host", b"d"), (b"x-auth-token", b"t2")]
+    # framing comes with the lines: a body's length is the one of its own head
+    c = server()
+    post = b"POST / HTTP/1.1\r\nHost: d\r\nContent-Length: 2\r\n\r\n"
+    assert body_of(events(c, post + b"{}")) == b"{}"
+    _cycle(c)
+    assert body_of(events(c, post.replace(b": 2", b": 3") + b"abc")) == b"abc"
+
+
+def test_a_refused_head_is_never_remembered():
+    """A head refused after one that parsed is refused, whatever came
+    before; the memo holds only what parsed (control: the good head again
+    on a connection whose last head it was is served)."""
+    good = b"GET / HTTP/1.1\r\nHost: d\r\nX-A: a\r\n\r\n"
+    for bad in (good.replace(b"X-A: a", b"X-A: a\x00"), good.replace(b"X-A: a", b"X-A : a"),
+                good.replace(b"X-A: a", b"Content-Length: 1\r\nContent-Length: 2")):
+        c = server()
+        events(c, good)
+        _cycle(c)
+        with pytest.raises(http1.RemoteProtocolError):
+            events(c, bad)
+        assert c._head_memo[0] == good[good.index(b"\n") + 1:-2]  # still the good one's lines
+    c = server()
+    events(c, good)
+    _cycle(c)
+    assert type(events(c, good)[0]) is http1.Request
+
+
+def test_the_engine_side_remembers_its_last_response_head():
+    c = client()
+    head = b"HTTP/1.1 200 OK\r\nApi-Version: 1.41\r\nTransfer-Encoding: chunked\r\n\r\n"
+    evs = events(c, head + b"1\r\na\r\n0\r\n\r\n")
+    assert body_of(evs) == b"a"
+    c.send(http1.EndOfMessage()) if c.our_state is http1.SEND_BODY else None
+    c.start_next_cycle()
+    c.send(http1.Request(method=b"GET", target=b"/x", headers=[(b"host", b"d")]))
+    c.send(http1.EndOfMessage())
+    again = events(c, head + b"2\r\nbc\r\n0\r\n\r\n")
+    assert (again[0].status_code, list(again[0].headers)) == (evs[0].status_code, list(evs[0].headers))
+    assert body_of(again) == b"bc" and type(again[-1]) is http1.EndOfMessage
