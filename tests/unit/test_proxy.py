@@ -1512,3 +1512,92 @@ def test_in_flight_counts_the_requests_being_served(engine, make_proxy, tls):
     assert held.response()[0] == 200
     wait_until(lambda: px.in_flight == 0, what="nothing in flight")
     assert seen == [1, 1, 1, 2]
+
+
+# -- the access lines (proxy.AccessLines) ---------------------------------------------------------
+
+def _pipe_text(fd: int) -> str:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1 << 20).decode()
+    except BlockingIOError:
+        return ""
+
+
+@pytest.fixture
+def access_pipe():
+    import logging
+
+    from name_scoper import proxy
+    r, w = os.pipe()
+    log = logging.getLogger("name_scoper.access")
+    level = log.level
+    log.setLevel(logging.INFO)
+    proxy.ACCESS.to_fd(w)
+    try:
+        yield r, w
+    finally:
+        proxy.ACCESS.to_fd(None)
+        log.setLevel(level)
+        os.close(r)
+        os.close(w)
+
+
+def _ended(i: int):
+    from name_scoper import proxy
+    rec = proxy._Record("GET", f"/v1.41/containers/c{i}/json?x=1", "127.0.0.1")
+    rec.rid, rec.tenant, rec.user = f"r{i}", "t1", "alice"
+    rec.status, rec.sent = 200, 5
+    return rec
+
+
+def test_access_lines_are_written_after_their_requests_within_the_flush_delay(access_pipe):
+    from name_scoper import proxy
+    r, _ = access_pipe
+
+    async def main():
+        lines = proxy.AccessLines()
+        _ended(1).log(lines)
+        _ended(2).log(lines)
+        queued = _pipe_text(r)  # not yet: the request's path does not write
+        t0 = time.monotonic()
+        text = ""
+        while text.count("\n") < 2 and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.005)  # (the loop must run for the timer to fire)
+            text += _pipe_text(r)
+        took = time.monotonic() - t0
+        lines.close()
+        return queued, text, took
+
+    queued, text, took = asyncio.run(main())
+    assert queued == ""
+    got = [json.loads(line.split("] ", 1)[1]) for line in text.splitlines()]
+    assert [(g["rid"], g["path"], g["status"], g["bytes"], g["tenant"]) for g in got] == [
+        ("r1", "/v1.41/containers/c1/json", 200, 5, "t1"), ("r2", "/v1.41/containers/c2/json", 200, 5, "t1")]
+    assert "in" not in got[0] and isinstance(got[0]["ms"], float)
+    assert took < 1.0  # FLUSH_DELAY is 50 ms: well within
+
+
+def test_access_lines_are_written_at_once_when_many_wait_or_at_close(access_pipe):
+    from name_scoper import proxy
+    r, _ = access_pipe
+
+    async def main():
+        lines = proxy.AccessLines()
+        for i in range(proxy.AccessLines.MAX_PENDING - 1):
+            _ended(i).log(lines)
+        before = _pipe_text(r)
+        _ended(999).log(lines)  # the MAX_PENDING-th: written now, no timer waited for
+        full = _pipe_text(r)
+        _ended(1000).log(lines)
+        lines.close()  # the server's close: written now
+        last = _pipe_text(r)
+        proxy.ACCESS.to_fd(r)  # a write that fails (a pipe's read end): said, never raised
+        _ended(1001).log(lines)
+        lines.close()
+        return before, full, last
+
+    before, full, last = asyncio.run(main())
+    assert before == ""
+    assert full.count("\n") == proxy.AccessLines.MAX_PENDING and '"rid":"r999"' in full
+    assert last.count("\n") == 1 and '"rid":"r1000"' in last
