@@ -69,6 +69,10 @@ class Context:
     default_network_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     #: the owners the records gave to listed containers (see :class:`OwnersSeen`)
     owners_seen: "OwnersSeen" = field(default_factory=lambda: OwnersSeen(OWNED_TTL))
+    #: the last rewritten container inspects (see :class:`Rewritten`)
+    inspects: "Rewritten" = field(default_factory=lambda: Rewritten(rewrite.container_inspect))
+    #: the last rewritten container lists (see :class:`ListsKept`)
+    lists: "ListsKept" = field(default_factory=lambda: ListsKept())
 
     @functools.cached_property
     def quota(self) -> QuotaPolicy:
@@ -237,17 +241,98 @@ class OwnersSeen:
                 kept[i] = (expiry, owner)
 
 
-def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
-    """Which of the listed container ids the ownership records give to the
-    caller (one blocking Redis round trip, like ``_resolve``, for the ids
-    not seen lately, see :class:`OwnersSeen`): a label the container
-    inherited from its image is no proof of ownership."""
-    known, ask = ctx.owners_seen.split(ids)
+class Rewritten:
+    """The last answers of a pure rewriting ``fn(body, scope)`` -- one that
+    reads nothing but the engine's answer and the caller's tenant, such as
+    ``rewrite.container_inspect`` -- by tenant and the answer's exact bytes:
+    the same engine answer for the same tenant is the same rewritten answer,
+    without decoding and encoding it again (a tenant's tools poll the same
+    containers; their answers change only when the containers do).
+
+    At most ``size`` answers of at most ``max_body`` bytes each are kept
+    (the whole is emptied when full): at most ``size * max_body * 2`` bytes
+    of memory.  A rewriting that raises keeps nothing.  One event loop uses
+    it."""
+
+    __slots__ = ("fn", "size", "max_body", "_out")
+
+    def __init__(self, fn, size: int = 64, max_body: int = 32 * 1024):
+        self.fn = fn
+        self.size = size
+        self.max_body = max_body
+        self._out: dict[tuple[str, bytes], bytes] = {}
+
+    def __call__(self, body: bytes, scope: Scope) -> bytes:
+        if len(body) > self.max_body:
+            return self.fn(body, scope)
+        key = (scope.tenant, bytes(body))
+        out = self._out.get(key)
+        if out is None:
+            out = self.fn(body, scope)
+            kept = self._out
+            if len(kept) >= self.size:
+                kept.clear()
+            kept[key] = out
+        return out
+
+
+class ListsKept:
+    """The last rewritten container lists (``rewrite.container_list``), by
+    tenant and the engine's exact bytes, each with the owners the records
+    gave its containers then: the same answer is the same rewritten answer
+    while :class:`OwnersSeen` still holds exactly those owners for those
+    ids (then nothing would be asked, and the same owners would be used).
+    A list with an id the records gave no owner is never answered from here
+    (such an id is asked about every time).  Bounded as :class:`Rewritten`.
+    One event loop uses it."""
+
+    __slots__ = ("size", "max_body", "_out")
+
+    def __init__(self, size: int = 64, max_body: int = 32 * 1024):
+        self.size = size
+        self.max_body = max_body
+        #: (tenant, body) -> (rewritten body, id -> owner the rewriting used)
+        self._out: dict[tuple[str, bytes], tuple[bytes, dict[str, str | None]]] = {}
+
+    def get(self, tenant: str, body: bytes, seen: OwnersSeen) -> bytes | None:
+        """The kept answer to ``body`` for ``tenant`` while ``seen`` holds its owners, else None."""
+        e = self._out.get((tenant, bytes(body)))
+        if e is None:
+            return None
+        out, owners = e
+        # equal only if every id is still seen, with the same owner (an id
+        # without a record is never seen: such a list never holds)
+        known, _ = seen.split(list(owners))
+        return out if known == owners else None
+
+    def keep(self, tenant: str, body: bytes, out: bytes, owners: dict[str, str | None]) -> None:
+        if len(body) > self.max_body:
+            return
+        kept = self._out
+        if len(kept) >= self.size:
+            kept.clear()
+        kept[(tenant, bytes(body))] = (out, owners)
+
+
+def _owners(ctx: Context, ids: list[str]) -> dict[str, str | None]:
+    """id -> owner the ownership records give each of ``ids`` (None: no
+    record): one blocking Redis round trip, like ``_resolve``, for the ids
+    not seen lately (see :class:`OwnersSeen`)."""
+    known: dict[str, str | None] = {}
+    seen, ask = ctx.owners_seen.split(ids)
+    known.update(seen)
     if ask:
         owners = ctx.store.owners("container", ask)
         ctx.owners_seen.keep(ask, owners)
         known.update(zip(ask, owners))
-    return _kept(scope, known)
+    return known
+
+
+def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
+    """Which of the listed container ids the ownership records give to the
+    caller (:func:`_owners`): a label the container inherited from its
+    image is no proof of ownership."""
+    return _kept(scope, _owners(ctx, ids))
 
 
 def _kept(scope: Scope, owners: dict[str, str | None]) -> set[str]:
@@ -340,7 +425,8 @@ def _fast_read(ctx: Context, scope: Scope, target: str, headers: Headers) -> Exc
 
 def _inspect_response(ctx: Context, scope: Scope) -> Response:
     """The rewriter of a container inspect's answer (both paths)."""
-    return Response(scope, ctx.api_version, lambda b: rewrite.container_inspect(b, scope))
+    inspects = ctx.inspects
+    return Response(scope, ctx.api_version, lambda b: inspects(b, scope))
 
 
 def _list_response(ctx: Context, scope: Scope) -> Response:
@@ -353,12 +439,21 @@ def _list_response(ctx: Context, scope: Scope) -> Response:
     (``Context.redis``, where the store has a lean client): a blocking read
     would hold up every other tenant connection for the round trip -- a
     quarter of the scoper's time under a load of lists."""
-    def owned(ids: list[str]) -> set[str]:
-        return _owned_containers(ctx, scope, ids)
+    lists = ctx.lists
 
     def listed(body: bytes):
+        out = lists.get(scope.tenant, body, ctx.owners_seen)
+        if out is not None:
+            return out
         if ctx.redis is None or ctx.in_flight() <= 1:
-            return rewrite.container_list(body, scope, owned)
+            used: dict[str, str | None] = {}
+
+            def owned(ids: list[str]) -> set[str]:
+                used.update(_owners(ctx, ids))
+                return _kept(scope, used)
+            out = rewrite.container_list(body, scope, owned)
+            lists.keep(scope.tenant, body, out, used)
+            return out
         return _listed_on_loop(ctx, scope, body)
     return Response(scope, ctx.api_version, listed)
 
@@ -367,8 +462,10 @@ async def _listed_on_loop(ctx: Context, scope: Scope, body: bytes) -> bytes:
     """:func:`rewrite.container_list` of ``body`` with the records read on the event loop."""
     mine, ids = rewrite.containers_labelled(body, scope)
     keep = None
+    known: dict[str, str | None] = {}
     if mine:
-        known, ask = ctx.owners_seen.split(ids)
+        seen, ask = ctx.owners_seen.split(ids)
+        known.update(seen)
         if ask:
             try:
                 raw = await ctx.redis.execute(*owners_command("container", ask), retry=True)
@@ -378,7 +475,9 @@ async def _listed_on_loop(ctx: Context, scope: Scope, body: bytes) -> bytes:
             ctx.owners_seen.keep(ask, owners)
             known.update(zip(ask, owners))
         keep = _kept(scope, known)
-    return rewrite.containers_out(mine, scope, keep)
+    out = rewrite.containers_out(mine, scope, keep)
+    ctx.lists.keep(scope.tenant, body, out, known)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)  # a tenant's list target: the same text on every docker ps

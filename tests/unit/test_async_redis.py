@@ -380,3 +380,71 @@ def test_owners_seen_is_bounded_and_keeps_only_owners():
     assert seen.split(["a", "c", "d", "e"]) == ({"d": "t1", "e": "t1"}, ["a", "c"])
     clock.now += 2.0
     assert seen.split(["d"]) == ({}, ["d"])
+
+
+# -- the last rewritten lists (handlers.ListsKept) ---------------------------------------------------
+
+@needs_redis
+def test_a_kept_list_is_answered_while_its_owners_are_still_the_ones_seen(server, monkeypatch):
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C3, "t2", "t2_x")
+    clock = _Clock()
+    ctx, lists = _seen_lists(st, clock)
+    rewrites = []
+    real = handlers.rewrite.container_list
+
+    def counting(body, scope, owned=None):
+        rewrites.append(scope.tenant)
+        return real(body, scope, owned)
+    monkeypatch.setattr(handlers.rewrite, "container_list", counting)
+
+    first = lists.json(200, LIST)
+    assert lists.json(200, bytearray(LIST)) == first and len(rewrites) == 1  # kept
+    other = json.dumps(json.loads(LIST)[:1]).encode()  # other bytes: rewritten
+    assert [c["Names"] for c in json.loads(lists.json(200, other))] == [["/web"]] and len(rewrites) == 2
+    # the owners seen change (a record answered anew otherwise): rewritten with them
+    ctx.owners_seen.keep([C3], ["t1"])
+    assert len(json.loads(lists.json(200, LIST))) == 2 and len(rewrites) == 3
+    # expired owners: asked again, rewritten
+    clock.now += handlers.OWNED_TTL + 1
+    assert lists.json(200, LIST) == first and len(rewrites) == 4
+    # another tenant's list of the same bytes: its own
+    ctx2 = handlers.Context({"scoper.api_version": "1.41"}, store=st)
+    ctx2.lists, ctx2.owners_seen = ctx.lists, ctx.owners_seen
+    assert json.loads(handlers._list_response(ctx2, Scope("t2")).json(200, LIST)) == []  # (C2, labelled t2, has no record)
+    assert len(rewrites) == 5
+
+
+@needs_redis
+def test_a_list_with_an_id_without_a_record_is_never_answered_from_what_was_kept(server, monkeypatch):
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")  # C3 labelled t1, no record
+    asked = _counting(st)
+    _, lists = _seen_lists(st, _Clock())
+    a = lists.json(200, LIST)
+    b = lists.json(200, LIST)
+    assert a == b and [c["Names"] for c in json.loads(a)] == [["/web"]]
+    assert asked == [[C1, C3], [C3]]  # asked about C3 each time
+
+
+@needs_redis
+def test_the_loop_path_keeps_its_lists_too(server):
+    st = Store(server.client(), host="h1", lean=resp.LeanRedis.from_url(server.url, 1.0))
+    st.add("container", C1, "t1", "t1_web")
+    st.add("container", C3, "t2", "t2_x")
+
+    async def main():
+        ctx, lists = _seen_lists(st, _Clock(), server.url, in_flight=2)
+        try:
+            first = await _rewritten(lists, 200, LIST)
+            ctx.owners_seen = handlers.OwnersSeen(handlers.OWNED_TTL)  # nothing seen: a kept list cannot hold
+            ctx.redis.close()
+            ctx.redis = _client(f"redis://127.0.0.1:{_free_port()}/0")
+            with pytest.raises(StoreUnavailable):
+                await _rewritten(lists, 200, LIST)
+            return first
+        finally:
+            ctx.redis.close()
+
+    assert [c["Names"] for c in json.loads(run(main()))] == [["/web"]]

@@ -135,3 +135,57 @@ def test_fast_and_general_paths_agree(target, with_content_type):
             (general.target, general.reject, general.request_body)
     else:
         _same(with_fast, general, scope)
+
+
+# -- the last rewritten inspects (handlers.Rewritten) ----------------------------------------------
+
+def test_a_kept_inspect_is_the_rewriting_s_own_answer_for_the_same_tenant_and_bytes():
+    calls = []
+
+    def fn(body, scope):
+        calls.append((scope.tenant, body))
+        return handlers.rewrite.container_inspect(body, scope)
+    kept = handlers.Rewritten(fn, size=2)
+    mine, other = Scope(TENANT), Scope(OTHER)
+    want = handlers.rewrite.container_inspect(_INSPECT, mine)
+    assert json.loads(want)["Name"] == "/web"
+    assert kept(_INSPECT, mine) == want and kept(bytearray(_INSPECT), mine) == want
+    assert len(calls) == 1  # the second: the same tenant and bytes, kept
+    # another tenant: its own rewriting (it does not own the name: left as it is)
+    assert json.loads(kept(_INSPECT, other))["Name"] == f"/{TENANT}_web"
+    changed = _INSPECT.replace(b'"Mounts": []', b'"Mounts": [{"Name": "x"}]')
+    assert kept(changed, mine) == handlers.rewrite.container_inspect(changed, mine)  # other bytes: rewritten
+    assert len(calls) == 3  # size 2 reached at the third: emptied, then kept
+    assert kept(changed, mine) and len(calls) == 3
+    assert kept(_INSPECT, mine) == want and len(calls) == 4
+
+
+def test_nothing_is_kept_of_a_rewriting_that_fails_or_of_a_large_answer():
+    calls = []
+
+    def fn(body, scope):
+        calls.append(body)
+        if body == b"bad":
+            raise ValueError("not JSON")
+        return b"out"
+    kept = handlers.Rewritten(fn, max_body=10)
+    for _ in range(2):
+        try:
+            kept(b"bad", Scope(TENANT))
+        except ValueError:
+            pass
+    big = b"x" * 11
+    kept(big, Scope(TENANT))
+    kept(big, Scope(TENANT))
+    assert calls == [b"bad", b"bad", big, big]
+    kept(b"small", Scope(TENANT))
+    kept(b"small", Scope(TENANT))  # control: kept
+    assert calls[-1] == b"small" and calls.count(b"small") == 1
+
+
+def test_the_inspect_response_uses_the_contexts_kept_answers():
+    ctx = _ctx()
+    first = handlers._inspect_response(ctx, Scope(TENANT)).json(200, _INSPECT)
+    ctx.inspects.fn = lambda body, scope: b"must not be called"
+    assert handlers._inspect_response(ctx, Scope(TENANT)).json(200, _INSPECT) == first
+    assert handlers._inspect_response(ctx, Scope(OTHER)).json(200, _INSPECT) == b"must not be called"
