@@ -265,12 +265,6 @@ class PluginMetrics(_Common):
                                       "one engine call", ["hook"], buckets=HOOK_BUCKETS, registry=registry)
         #: (is request hook, allow, reason) -> (decision counter, hook histogram) children
         self.children: dict[tuple[bool, bool, str], tuple] = {}
-        self.resolve_memo = Counter("fdcs_plugin_resolve_memo", "Container ownership checks answered from "
-                                    "the worker's memo of positive answers (hit) or asked of Redis (miss)",
-                                    ["result"], registry=registry)
-        #: the counted steps by name: the identity events and the memo's results
-        self.step_children = {**self.identity_children,
-                              **{s: self.resolve_memo.labels(s[len("resolve_memo_"):]) for s in MEMO_STEPS}}
 
 
 class ScoperMetrics(_Common):
@@ -567,27 +561,10 @@ class _Buffer(Lingering):
                 for key, seconds in decisions.items():
                     _apply_decisions(self.m, key, len(seconds), seconds)
                 for event, n in events.items():
-                    self.m.step_children[event].inc(n)
+                    self.m.identity_children[event].inc(n)
             except Exception:  # a metrics fault must not stop the thread
                 log.debug("applying buffered metrics failed", exc_info=True)
             self.flushes += 1
-
-
-#: the steps of :func:`resolve_memo` (queued as names, like identity events)
-MEMO_STEPS = ("resolve_memo_hit", "resolve_memo_miss")
-
-
-@_guarded
-def resolve_memo(hit: bool) -> None:
-    """One container ownership check of the request hook: answered from the
-    worker's memo (``hit``) or asked of Redis."""
-    m = active()
-    if isinstance(m, PluginMetrics):
-        step = "resolve_memo_hit" if hit else "resolve_memo_miss"
-        if m.buffer is not None:
-            m.buffer.add(step)
-        else:
-            m.step_children[step].inc()
 
 
 @_guarded

@@ -27,11 +27,7 @@ A container inspect or list (``GET``, no body) takes a lean lane
 payload's fields without the canonical request, the endpoint table and the
 plan; anything unusual about it goes the general way.  A serving thread
 keeps its last identity while the identity service says it still holds
-(:meth:`Authorizer._identity`).  A worker keeps a tenant's positive answer
-to a container reference found as a full id or a long id prefix for
-:data:`OWNED_TTL` seconds (:meth:`Authorizer._check_container`,
-:class:`ownership.OwnedMemo`: why it stays true); no other ownership answer
-is kept, and every other step still runs on every request.
+(:meth:`Authorizer._identity`); no ownership answer is ever kept.
 
 Any exception that is not an :class:`FdcsError` is an internal fault: it is
 logged with its cause and the request is denied ("internal error").  The
@@ -51,13 +47,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from . import endpoints, logfmt, metrics, rules
+from . import endpoints, logfmt, rules
 from . import audit as _audit
 from .audit import audit
 from .config import Config
 from .errors import (BadRequest, Denied, FdcsError, Forbidden, IdentityUnavailable, NotFound, Retry,
                      StoreUnavailable, Suspended, Unsupported)
-from .ownership import OwnedMemo, Store
+from .ownership import Store
 from .quota import KEEP, QuotaStore, fingerprint
 from .request import Headers, Request, check_version, parse, parse_query
 from .scoping import TENANT_LABEL
@@ -74,12 +70,6 @@ RECORDING_METHODS = frozenset({"POST", "DELETE"})
 #: seconds a worker trusts its copy of the suspended tenants (``fdcs-manage
 #: tenant suspend`` waits this long before it stops the tenant's containers)
 SUSPENSION_TTL = 2.0
-
-#: seconds a worker keeps a positive answer to "is this container reference
-#: the tenant's?" (:class:`ownership.OwnedMemo`: why it stays true), and how
-#: many it keeps at most
-OWNED_TTL = SUSPENSION_TTL
-OWNED_MEMO_SIZE = 4096
 
 #: the reads the lean lane takes (:meth:`Authorizer._lean_read`), by their
 #: target as the engine forwards it: ``GET /v<version>/containers/<ref>/json``
@@ -108,11 +98,7 @@ class Authorizer:
         self.max_version = cfg["policy.max_api_version"]
         self.cluster_names = cfg["policy.container_names"] == "cluster"
         self.quota = QuotaStore(store.r, self.policy.quota, store.host, store.settle) if self.policy.quota.enabled else None
-        #: the monotonic clock of the suspended copy and the ownership memo (tests set both)
-        self._clock = time.monotonic
         self._suspended: tuple[float, dict[str, dict]] = (0.0, {})
-        #: this worker's positive container ownership answers (all serving threads)
-        self._owned = OwnedMemo(OWNED_TTL, OWNED_MEMO_SIZE)
         #: the headers an identity depends on (lower case), when the identity
         #: service can tell whether an identity it gave still holds
         #: (``still_cached``); None: ask it every time
@@ -266,7 +252,7 @@ class Authorizer:
                 else:
                     cheap = rules.cheap_ref(tenant, ref)
                     if cheap is None:
-                        self._check_container(ref, tenant)
+                        _check_owned(self.store.resolve([("container", ref, True)])[0], "container", ref, tenant)
                     elif cheap is False:
                         raise NotFound(endpoints.MISSING["container"].format(ref=ref))
                     resource = ref
@@ -309,7 +295,7 @@ class Authorizer:
 
     def _check_suspended(self, tenant: str) -> None:
         expires, suspended = self._suspended
-        now = self._clock()
+        now = time.monotonic()
         if now >= expires:
             suspended = self.store.suspended()
             self._suspended = (now + SUSPENSION_TTL, suspended)
@@ -416,43 +402,19 @@ class Authorizer:
         if name:
             self.store.release_name(name)
 
-    def _check_container(self, ref: str, tenant: str) -> None:
-        """:func:`_check_owned` of container reference ``ref`` (one the
-        store must answer: ``rules.cheap_ref`` is None), from this worker's
-        memo of positive answers while it holds one, else from Redis; a
-        positive answer that may be kept is kept (``OwnedMemo``).  A hit is
-        exactly a miss's "yes": the caller goes on as after one."""
-        memo = self._owned
-        if memo.owned(tenant, ref):
-            metrics.resolve_memo(True)
-            return
-        metrics.resolve_memo(False)
-        res = self.store.resolve([("container", ref, True)])[0]
-        _check_owned(res, "container", ref, tenant)
-        memo.keep(tenant, ref, res)
-
     def _check_needs(self, needs: list[rules.Need], tenant: str) -> None:
         pending = []
-        memo = self._owned
         for need in needs:
             cheap = rules.cheap_need(tenant, need)
             if cheap is False:
                 raise NotFound(endpoints.MISSING[need.kind].format(ref=need.ref))
             if cheap is None:
-                if need.kind == "container":  # (as _check_container: a kept "yes" is the answer)
-                    hit = memo.owned(tenant, need.ref)
-                    metrics.resolve_memo(hit)
-                    if hit:
-                        continue
                 pending.append(need)
         if not pending:
             return
         results = self.store.resolve([(n.kind, n.ref, n.kind in ("container", "network")) for n in pending])
         for need, res in zip(pending, results):
             _check_owned(res, need.kind, need.ref, tenant)
-        for need, res in zip(pending, results):  # only once every need is owned, as a request allowed
-            if need.kind == "container":
-                memo.keep(tenant, need.ref, res)
 
     # -- recording ------------------------------------------------------------
 
@@ -505,8 +467,6 @@ class Authorizer:
         elif what == "remove" and status == 204:
             kind = spec["kind"]
             target = spec["ref"] if kind == "volume" else self._target(kind, spec["ref"])
-            if kind == "container":  # tidiness: no answer depends on it (OwnedMemo)
-                self._owned.drop(tenant, spec["ref"], target)
             if target:
                 self.store.remove(kind, target)
         return None
@@ -515,7 +475,6 @@ class Authorizer:
         body = _response_json(payload)
         if path == "/containers/prune":
             for cid in body.get("ContainersDeleted") or []:
-                self._owned.drop("", "", cid)
                 self.store.remove("container", cid)
         elif path == "/volumes/prune":
             for name in body.get("VolumesDeleted") or []:

@@ -35,7 +35,7 @@ from authz_plugin import endpoints, shapes
 from authz_plugin.config import Config
 from authz_plugin.errors import BadRequest, FdcsError
 from authz_plugin.ownership import owners_command, owners_reply, store_error
-from authz_plugin.policy import OWNED_TTL
+from authz_plugin.policy import SUSPENSION_TTL
 from authz_plugin.quota import QuotaPolicy
 from authz_plugin.request import check_version, parse as parse_request
 from authz_plugin.scoping import NAME_LABEL, TENANT_LABEL, looks_like_id
@@ -68,7 +68,7 @@ class Context:
     #: one default-network check per tenant at a time (one small lock per tenant seen)
     default_network_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     #: the owners the records gave to listed containers (see :class:`OwnersSeen`)
-    owners_seen: "OwnersSeen" = field(default_factory=lambda: OwnersSeen(OWNED_TTL))
+    owners_seen: "OwnersSeen" = field(default_factory=lambda: OwnersSeen(OWNERS_TTL))
     #: the last rewritten container inspects (see :class:`Rewritten`)
     inspects: "Rewritten" = field(default_factory=lambda: Rewritten(rewrite.container_inspect))
     #: the last rewritten container lists (see :class:`ListsKept`)
@@ -185,25 +185,30 @@ def _resolve(ctx: Context, scope: Scope, kind: str, ref: str) -> str:
     return value if how in ("id", "name") else ref
 
 
+#: seconds a listed container's owner is kept (:class:`OwnersSeen`): the
+#: plugin's bound for its copy of the suspended projects
+OWNERS_TTL = SUSPENSION_TTL
+
+
 class OwnersSeen:
     """The owners the ownership records gave to containers a list showed,
-    each kept ``ttl`` seconds (:data:`authz_plugin.policy.OWNED_TTL`, the
-    plugin's bound for its own kept answers) on the monotonic ``clock``, at
-    most ``size`` of them: a tenant's ``docker ps`` asks Redis only about the
-    ids it has not seen lately.
+    each kept ``ttl`` seconds (:data:`OWNERS_TTL`) on the monotonic
+    ``clock``, at most ``size`` of them: a tenant's ``docker ps`` asks Redis
+    only about the ids it has not seen lately.  A list is no reference:
+    the plugin decides it by its tenant filter, and this only narrows what
+    the engine listed.
 
     Why a kept owner is still the record's: a container's owner does not
     change during its life (the label is set at create and the engine cannot
     change it; the records follow the label; ``fdcs-manage adopt`` gives an
     owner only to an orphan, which has no record, so nothing was kept for
-    it; ``fdcs-manage host retire --force`` of a live host drops records of
-    containers that still run: a list may show them to their tenant for
-    ``ttl`` more seconds, as the plugin's :class:`~authz_plugin.ownership.OwnedMemo`
-    lets it read them).  Container ids are 64 random hex digits, never
-    reused, and a list only holds containers the engine has now: a kept
-    owner of a removed container is never asked for.  Only a record's owner
-    is kept: no record (an orphan, a conflict of labels) and a failed read
-    are asked again every time.
+    it; ``fdcs-manage host retire --force`` of a live host, or a loss of
+    Redis's data, drops records of containers that still run: a list may
+    show them to their tenant for ``ttl`` more seconds).  Container ids are
+    64 random hex digits, never reused, and a list only holds containers
+    the engine has now: a kept owner of a removed container is never asked
+    for.  Only a record's owner is kept: no record (an orphan, a conflict
+    of labels) and a failed read are asked again every time.
 
     One event loop uses it (no locks)."""
 

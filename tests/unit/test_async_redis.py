@@ -293,7 +293,7 @@ def _counting(st: Store) -> list[list[str]]:
 
 def _seen_lists(st: Store, clock: _Clock, url: str | None = None, in_flight: int = 1):
     ctx, lists = _lists(st, url, in_flight)
-    ctx.owners_seen = handlers.OwnersSeen(handlers.OWNED_TTL, clock=clock)
+    ctx.owners_seen = handlers.OwnersSeen(handlers.OWNERS_TTL, clock=clock)
     return ctx, lists
 
 
@@ -309,7 +309,7 @@ def test_a_list_asks_the_records_only_about_ids_it_has_not_seen_within_the_ttl(s
 
     assert names() == [["/web"]]
     assert asked == [[C1, C3]]  # the two labelled t1
-    clock.now += handlers.OWNED_TTL - 0.01
+    clock.now += handlers.OWNERS_TTL - 0.01
     assert names() == [["/web"]]  # C3 is still t2's by its kept record: still hidden
     assert asked == [[C1, C3]]  # nothing asked
     clock.now += 0.02
@@ -359,7 +359,7 @@ def test_the_loop_client_keeps_and_uses_the_same_owners(server):
             ctx.redis.close()
             ctx.redis = _client(f"redis://127.0.0.1:{_free_port()}/0")  # cannot connect from now on
             second = await _rewritten(lists, 200, LIST)  # every id kept: Redis not asked
-            clock.now += handlers.OWNED_TTL + 1
+            clock.now += handlers.OWNERS_TTL + 1
             with pytest.raises(StoreUnavailable):
                 await _rewritten(lists, 200, LIST)  # expired: asked, and it cannot answer
             return first, second
@@ -407,7 +407,7 @@ def test_a_kept_list_is_answered_while_its_owners_are_still_the_ones_seen(server
     ctx.owners_seen.keep([C3], ["t1"])
     assert len(json.loads(lists.json(200, LIST))) == 2 and len(rewrites) == 3
     # expired owners: asked again, rewritten
-    clock.now += handlers.OWNED_TTL + 1
+    clock.now += handlers.OWNERS_TTL + 1
     assert lists.json(200, LIST) == first and len(rewrites) == 4
     # another tenant's list of the same bytes: its own
     ctx2 = handlers.Context({"scoper.api_version": "1.41"}, store=st)
@@ -438,7 +438,7 @@ def test_the_loop_path_keeps_its_lists_too(server):
         ctx, lists = _seen_lists(st, _Clock(), server.url, in_flight=2)
         try:
             first = await _rewritten(lists, 200, LIST)
-            ctx.owners_seen = handlers.OwnersSeen(handlers.OWNED_TTL)  # nothing seen: a kept list cannot hold
+            ctx.owners_seen = handlers.OwnersSeen(handlers.OWNERS_TTL)  # nothing seen: a kept list cannot hold
             ctx.redis.close()
             ctx.redis = _client(f"redis://127.0.0.1:{_free_port()}/0")
             with pytest.raises(StoreUnavailable):

@@ -4,19 +4,7 @@ general path gives -- the answer, the audit line but its time fields, the
 decision's metric key, the identity's counted events, the store's calls --
 for every payload, around the lane's edges; it takes the reads it is for;
 and the serving thread's remembered identity (``Authorizer._identity``) is
-used only while the identity service says it still holds.
-
-Both authorizers keep positive container ownership answers
-(``ownership.OwnedMemo``, on one injected clock that the sequences move on
-past ``OWNED_TTL``), so the lane and the general path are compared with the
-memo in the state their own histories gave it; a third authorizer, the lane
-with a memo that keeps nothing, must give the same answers, audit lines,
-metric keys and identity events, and make every store call the memo's makes
-(it makes more: the memo's hits).  In this model no owner changes (as no
-container's does while it lives: see ``OwnedMemo``) and the suspended set
-is read on every decision, so the memo must change nothing but the round
-trips; its behaviour around removal, expiry, suspension and Redis failures
-with the real ``SUSPENSION_TTL`` is in ``test_resolve_memo.py``."""
+used only while the identity service says it still holds."""
 
 from __future__ import annotations
 
@@ -34,8 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from authz_plugin import audit_stream, logfmt, metrics, policy
 from authz_plugin.errors import AuthenticationError, Forbidden, IdentityUnavailable, StoreUnavailable
 from authz_plugin.identity import Identity
-from authz_plugin.ownership import OwnedMemo
-from authz_plugin.policy import OWNED_TTL, Authorizer
+from authz_plugin.policy import Authorizer
 from authz_plugin.scoping import TENANT_LABEL
 
 from .conftest import TA, TB, cfg
@@ -146,15 +133,6 @@ def world(store, store_h2, monkeypatch):
     general._lean_read = lambda payload, t0: None
     general._ident_names = None
     assert lean._ident_names == tuple(sorted(n.decode() for n in _Keystone.header_names))
-    plain = Authorizer(cfg(), _Keystone(), shared)  # the lane, with a memo that never answers
-    plain._owned = OwnedMemo(0.0)
-    clock = [1000.0]  # one clock for the three: the suspended copy and the memos
-
-    def now():
-        return clock[0]
-
-    for a in (lean, general, plain):
-        a._clock = a._owned.clock = now
 
     out: list = []
     monkeypatch.setattr(policy, "SUSPENSION_TTL", 0.0)  # both read the suspended set on every decision
@@ -168,9 +146,7 @@ def world(store, store_h2, monkeypatch):
         pass
 
     w = W()
-    w.lean, w.general, w.plain, w.store, w.out, w.clock = lean, general, plain, shared, out, clock
-    w.memo_steps = []
-    monkeypatch.setattr(metrics, "resolve_memo", w.memo_steps.append)
+    w.lean, w.general, w.store, w.out = lean, general, shared, out
 
     def decide(authz, payload):
         out.clear()
@@ -185,19 +161,10 @@ def world(store, store_h2, monkeypatch):
         return answer, list(out), list(shared.calls), ks.events[n:]
 
     def both(payload):
-        """Both paths on ``payload``; their outputs, asserted equal; and the
-        lane without the memo: the same but for the memo's round trips."""
+        """Both paths on ``payload``; their outputs, asserted equal."""
         a = decide(lean, payload)
         b = decide(general, payload)
         assert a == b, payload
-        c = decide(plain, payload)
-        assert (c[0], c[1], c[3]) == (a[0], a[1], a[3]), payload
-        assert [x for x in c[2] if x[0] != "resolve"] == [x for x in a[2] if x[0] != "resolve"], payload
-        more = list(c[2])
-        for x in a[2]:  # every resolve the memo's lane made, the plain lane made too
-            if x[0] == "resolve":
-                assert x in more, payload
-                more.remove(x)
         return a
 
     w.both = both
@@ -238,8 +205,7 @@ def test_the_lane_takes_the_reads_it_is_for(world, monkeypatch):
 
     def spy(self, payload, t0):
         r = real(self, payload, t0)
-        if self is world.lean:  # (the plain lane takes the same)
-            taken.append(r is not None)
+        taken.append(r is not None)
         return r
 
     monkeypatch.setattr(Authorizer, "_lean_read", spy)
@@ -409,8 +375,7 @@ def _payloads(draw):
 
 
 _STEPS = st.lists(st.one_of(_payloads(), _payloads(), _payloads(),
-                            st.sampled_from(["evict", "suspend", "resume", "down", "boom", "up", "ks-down", "ks-up",
-                                             "expire", "tick"])),
+                            st.sampled_from(["evict", "suspend", "resume", "down", "boom", "up", "ks-down", "ks-up"])),
                   min_size=1, max_size=8)
 
 
@@ -420,7 +385,7 @@ def test_the_lane_and_the_general_path_agree(world, steps):
     store = world.store
     store.fail = None
     store.resume(TA)
-    for ks in (world.lean.identity, world.general.identity, world.plain.identity):
+    for ks in (world.lean.identity, world.general.identity):
         ks.down = False
     for step in steps:
         if isinstance(step, dict):
@@ -428,11 +393,6 @@ def test_the_lane_and_the_general_path_agree(world, steps):
         elif step == "evict":
             world.lean.identity.evict()
             world.general.identity.evict()
-            world.plain.identity.evict()
-        elif step == "expire":  # every kept answer is now too old
-            world.clock[0] += OWNED_TTL
-        elif step == "tick":  # not yet
-            world.clock[0] += OWNED_TTL / 4
         elif step == "suspend":
             store.fail, was = None, store.fail
             store.suspend(TA, "op", "why")
@@ -446,28 +406,9 @@ def test_the_lane_and_the_general_path_agree(world, steps):
         elif step == "up":
             store.fail = None
         else:
-            for ks in (world.lean.identity, world.general.identity, world.plain.identity):
+            for ks in (world.lean.identity, world.general.identity):
                 ks.down = step == "ks-down"
     store.fail = None
-
-
-def test_the_differential_sees_memo_hits(world):
-    """The world's memos answer (else the property above would not test
-    them): a second inspect by a 12-digit prefix, by a full id, a stop by
-    the prefix are hits on both paths, without a round trip; the plain lane
-    asks each time."""
-    for uri in (f"/v1.41/containers/{CID[:12]}/json", f"/v1.41/containers/{CID}/json"):
-        first = world.both(_p(uri))
-        assert first[0] == {"Allow": True} and [c[0] for c in first[2]] == ["suspended", "resolve"]
-        again = world.both(_p(uri))
-        assert again[0] == {"Allow": True} and [c[0] for c in again[2]] == ["suspended"]
-        assert again[1] == first[1]  # the same audit line (but its time) and metric key
-    stop = world.both(_p(f"/v1.41/containers/{CID[:12]}/stop", method="POST", headers={"Content-Length": "0"}))
-    assert stop[0] == {"Allow": True} and [c[0] for c in stop[2]] == ["suspended"]
-    # lean, general, plain per decision: miss, miss, miss; hit, hit, miss; ... (plain never hits)
-    assert world.memo_steps == [False] * 3 + [True, True, False] + [False] * 3 + [True, True, False] + [True, True, False]
-    world.clock[0] += OWNED_TTL
-    assert [c[0] for c in world.both(_p(f"/v1.41/containers/{CID[:12]}/json"))[2]] == ["suspended", "resolve"]
 
 
 def test_audit_record_writes_the_line_audit_wrote(monkeypatch):
