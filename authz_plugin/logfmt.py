@@ -68,8 +68,11 @@ class DirectLines:
         if self._fd is None:
             self.log.info(text)
             return
-        now = time.time()
-        os.write(self._fd, f"{_stamp(int(now))},{int(now % 1 * 1000):03d} {self._level_name} [{_pid}] {text}\n".encode())
+        os.write(self._fd, self._line(time.time(), text))
+
+    def _line(self, when: float, text: str) -> bytes:
+        """The formatter's line of ``text`` stamped ``when`` (``time.time()``)."""
+        return f"{_stamp(int(when))},{int(when % 1 * 1000):03d} {self._level_name} [{_pid}] {text}\n".encode()
 
     def write_many(self, lines: list[tuple[float, str]]) -> None:
         """Lines written at once, each ``(time.time() it is stamped with,
@@ -81,11 +84,10 @@ class DirectLines:
             for _, text in lines:
                 self.log.info(text)
             return
-        head = f" {self._level_name} [{_pid}] "
         chunk: list[bytes] = []
         size = 0
         for when, text in lines:
-            line = f"{_stamp(int(when))},{int(when % 1 * 1000):03d}{head}{text}\n".encode()
+            line = self._line(when, text)
             if chunk and size + len(line) > _PIPE_BUF:
                 os.write(self._fd, b"".join(chunk))
                 chunk, size = [], 0

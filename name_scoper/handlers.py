@@ -221,10 +221,10 @@ class OwnersSeen:
         #: full id -> (expiry on ``clock``, owner)
         self._owners: dict[str, tuple[float, str]] = {}
 
-    def split(self, ids: list[str]) -> tuple[dict[str, str], list[str]]:
+    def split(self, ids: list[str]) -> tuple[dict[str, str | None], list[str]]:
         """(id -> owner for the ids kept and fresh, the others in order)."""
         now = self.clock()
-        known: dict[str, str] = {}
+        known: dict[str, str | None] = {}
         ask: list[str] = []
         get = self._owners.get
         for i in ids:
@@ -245,8 +245,33 @@ class OwnersSeen:
             if owner is not None:
                 kept[i] = (expiry, owner)
 
+    def learn(self, known: dict[str, str | None], ids: list[str], owners: list[str | None]) -> None:
+        """:meth:`keep` the records' answer ``owners`` for ``ids``, and add it to ``known``."""
+        self.keep(ids, owners)
+        known.update(zip(ids, owners))
 
-class Rewritten:
+
+class _Answers:
+    """At most ``size`` rewritten answers, by tenant and the engine's
+    answer's exact bytes, of answers of at most ``max_body`` bytes (the
+    whole is emptied when full): at most ``size * max_body * 2`` bytes of
+    memory.  One event loop uses it."""
+
+    __slots__ = ("size", "max_body", "_out")
+
+    def __init__(self, size: int = 64, max_body: int = 32 * 1024):
+        self.size = size
+        self.max_body = max_body
+        self._out: dict[tuple[str, bytes], object] = {}
+
+    def _put(self, key: tuple[str, bytes], value) -> None:
+        kept = self._out
+        if len(kept) >= self.size:
+            kept.clear()
+        kept[key] = value
+
+
+class Rewritten(_Answers):
     """The last answers of a pure rewriting ``fn(body, scope)`` -- one that
     reads nothing but the engine's answer and the caller's tenant, such as
     ``rewrite.container_inspect`` -- by tenant and the answer's exact bytes:
@@ -254,18 +279,14 @@ class Rewritten:
     without decoding and encoding it again (a tenant's tools poll the same
     containers; their answers change only when the containers do).
 
-    At most ``size`` answers of at most ``max_body`` bytes each are kept
-    (the whole is emptied when full): at most ``size * max_body * 2`` bytes
-    of memory.  A rewriting that raises keeps nothing.  One event loop uses
-    it."""
+    Bounded as :class:`_Answers` says.  A rewriting that raises keeps
+    nothing."""
 
-    __slots__ = ("fn", "size", "max_body", "_out")
+    __slots__ = ("fn",)
 
     def __init__(self, fn, size: int = 64, max_body: int = 32 * 1024):
+        super().__init__(size, max_body)
         self.fn = fn
-        self.size = size
-        self.max_body = max_body
-        self._out: dict[tuple[str, bytes], bytes] = {}
 
     def __call__(self, body: bytes, scope: Scope) -> bytes:
         if len(body) > self.max_body:
@@ -274,30 +295,21 @@ class Rewritten:
         out = self._out.get(key)
         if out is None:
             out = self.fn(body, scope)
-            kept = self._out
-            if len(kept) >= self.size:
-                kept.clear()
-            kept[key] = out
+            self._put(key, out)
         return out
 
 
-class ListsKept:
+class ListsKept(_Answers):
     """The last rewritten container lists (``rewrite.container_list``), by
     tenant and the engine's exact bytes, each with the owners the records
     gave its containers then: the same answer is the same rewritten answer
     while :class:`OwnersSeen` still holds exactly those owners for those
     ids (then nothing would be asked, and the same owners would be used).
     A list with an id the records gave no owner is never answered from here
-    (such an id is asked about every time).  Bounded as :class:`Rewritten`.
-    One event loop uses it."""
+    (such an id is asked about every time).  Bounded as :class:`_Answers`
+    says; each value is (the rewritten body, id -> owner the rewriting used)."""
 
-    __slots__ = ("size", "max_body", "_out")
-
-    def __init__(self, size: int = 64, max_body: int = 32 * 1024):
-        self.size = size
-        self.max_body = max_body
-        #: (tenant, body) -> (rewritten body, id -> owner the rewriting used)
-        self._out: dict[tuple[str, bytes], tuple[bytes, dict[str, str | None]]] = {}
+    __slots__ = ()
 
     def get(self, tenant: str, body: bytes, seen: OwnersSeen) -> bytes | None:
         """The kept answer to ``body`` for ``tenant`` while ``seen`` holds its owners, else None."""
@@ -311,33 +323,18 @@ class ListsKept:
         return out if known == owners else None
 
     def keep(self, tenant: str, body: bytes, out: bytes, owners: dict[str, str | None]) -> None:
-        if len(body) > self.max_body:
-            return
-        kept = self._out
-        if len(kept) >= self.size:
-            kept.clear()
-        kept[(tenant, bytes(body))] = (out, owners)
+        if len(body) <= self.max_body:
+            self._put((tenant, bytes(body)), (out, owners))
 
 
 def _owners(ctx: Context, ids: list[str]) -> dict[str, str | None]:
     """id -> owner the ownership records give each of ``ids`` (None: no
     record): one blocking Redis round trip, like ``_resolve``, for the ids
     not seen lately (see :class:`OwnersSeen`)."""
-    known: dict[str, str | None] = {}
-    seen, ask = ctx.owners_seen.split(ids)
-    known.update(seen)
+    known, ask = ctx.owners_seen.split(ids)
     if ask:
-        owners = ctx.store.owners("container", ask)
-        ctx.owners_seen.keep(ask, owners)
-        known.update(zip(ask, owners))
+        ctx.owners_seen.learn(known, ask, ctx.store.owners("container", ask))
     return known
-
-
-def _owned_containers(ctx: Context, scope: Scope, ids: list[str]) -> set[str]:
-    """Which of the listed container ids the ownership records give to the
-    caller (:func:`_owners`): a label the container inherited from its
-    image is no proof of ownership."""
-    return _kept(scope, _owners(ctx, ids))
 
 
 def _kept(scope: Scope, owners: dict[str, str | None]) -> set[str]:
@@ -469,16 +466,13 @@ async def _listed_on_loop(ctx: Context, scope: Scope, body: bytes) -> bytes:
     keep = None
     known: dict[str, str | None] = {}
     if mine:
-        seen, ask = ctx.owners_seen.split(ids)
-        known.update(seen)
+        known, ask = ctx.owners_seen.split(ids)
         if ask:
             try:
                 raw = await ctx.redis.execute(*owners_command("container", ask), retry=True)
             except redis.RedisError as e:
                 raise store_error(e) from e
-            owners = owners_reply(raw, len(ask))
-            ctx.owners_seen.keep(ask, owners)
-            known.update(zip(ask, owners))
+            ctx.owners_seen.learn(known, ask, owners_reply(raw, len(ask)))
         keep = _kept(scope, known)
     out = rewrite.containers_out(mine, scope, keep)
     ctx.lists.keep(scope.tenant, body, out, known)

@@ -89,30 +89,15 @@ class _Sock:
         return out
 
 
+#: every header name's length: ``worker.read_head`` without its shortcut
+_EVERY_LENGTH = frozenset(range(worker.MAX_HEAD + 1))
+
+
 def _old_headers(lines: list[bytes]):
-    """The header loop as it was before the length shortcut."""
-    length, chunked, keep = None, False, True
-    for line in lines:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or name[:1] in (b" ", b"\t"):
-            raise worker.BadRequest(400, "bad header line")
-        name, value = name.lower(), value.strip()
-        if name == b"content-length":
-            if length is not None or not value.isdigit():
-                raise worker.BadRequest(400, "bad or repeated Content-Length")
-            length = int(value)
-        elif name == b"transfer-encoding":
-            if chunked or value.lower() != b"chunked":
-                raise worker.BadRequest(400, "unsupported Transfer-Encoding")
-            chunked = True
-        elif name == b"connection":
-            tokens = {t.strip() for t in value.lower().split(b",")}
-            if b"close" in tokens:
-                keep = False
-            elif b"keep-alive" in tokens:
-                keep = True
-    if chunked and length is not None:
-        raise worker.BadRequest(400, "both Content-Length and Transfer-Encoding")
+    """The header loop as it was before the length shortcut: ``read_head``
+    lower-casing and reading every header."""
+    head = b"\r\n".join([b"POST /AuthZPlugin.AuthZReq HTTP/1.1", *lines])
+    _, length, chunked, keep = worker.read_head(head, _EVERY_LENGTH)
     return length, chunked, keep
 
 
