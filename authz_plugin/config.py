@@ -234,6 +234,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis", "sentinels", _strlist, (), "Sentinel addresses host:port, used instead of url when set"),
     Option("redis", "service_name", _str, "fdcs", "Sentinel service name of the primary"),
     Option("redis", "timeout", _float, 2.0, "seconds per Redis operation before 'ownership store unavailable'"),
+    Option("redis", "track_refs", _bool, True, "keep each plugin worker's answers to container references while Redis's client tracking reports no change to the records they read (Redis >= 6; off: Redis is asked every time)"),
     Option("redis", "exec_ttl", _int, 7 * 86400, "seconds an exec ownership record lives (execs die with their container)"),
     # -- authorization plugin -----------------------------------------------
     Option("plugin", "name", _str, "fdcs-authz", "plugin name given to dockerd --authorization-plugin"),

@@ -88,6 +88,7 @@ import redis.sentinel
 from . import metrics, resp
 from .config import Config
 from .errors import Retry, StoreUnavailable
+from .known import KnownRefs
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,18 @@ for _, i in ipairs(ids) do
 end
 return out
 """
+
+
+
+def resolve_reads(host: str) -> tuple[str, ...]:
+    """Every key ``_RESOLVE`` reads for a container reference it answers
+    ``id``, ``name`` or ``prefix`` on ``host`` (``none`` also reads
+    ``complete()``): what :class:`~authz_plugin.known.KnownRefs` tracks.
+    Keep it equal to the script (``tests/unit/test_known.py`` checks it
+    against the keys the script touches)."""
+    return ("fdcs:own:container", "fdcs:host:container", f"fdcs:names:container:{host}",
+            f"fdcs:unowned:container:{host}", f"fdcs:ids:container:{host}")
+
 
 _TENANT_REF = _HERE + """
 local kind, tenant, ref, scoped, limit, host = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
@@ -442,14 +455,19 @@ class Store:
     :class:`StoreUnavailable` on a Redis failure."""
 
     def __init__(self, client: redis.Redis, exec_ttl: int = 7 * 86400, host: str = "local",
-                 settle: float | None = None, lean: resp.LeanRedis | None = None):
+                 settle: float | None = None, lean: resp.LeanRedis | None = None,
+                 known: KnownRefs | None = None):
         """``settle``: seconds after the first host's reconcile on a Redis run
         before container names are reserved (see the module docstring);
         None: no wait (one host, tests).  ``lean``: the same Redis through
         :mod:`authz_plugin.resp`, for the hot read (:meth:`resolve`); None:
-        redis-py for everything."""
+        redis-py for everything.  ``known``: container references' answers
+        kept while Redis reports no change to what they read
+        (:mod:`authz_plugin.known`, tracking :func:`resolve_reads` of
+        ``host``); None: Redis is asked about every reference."""
         self.r = client
         self.lean = lean
+        self.known = known
         self.exec_ttl = exec_ttl
         self.host = host
         self.settle = settle
@@ -477,8 +495,11 @@ class Store:
         # two intervals: every live reconciler has passed since the first one did
         # the lean client where it speaks the configuration exactly (no
         # Sentinel, no TLS): an inspect by id pays ~100 us less per EVALSHA
+        lean = resp.from_config(cfg)
+        known = (KnownRefs.for_lean(lean, resolve_reads(cfg["host.id"]))
+                 if lean is not None and cfg["redis.track_refs"] else None)
         return cls(connect(cfg), cfg["redis.exec_ttl"], cfg["host.id"], settle=2 * cfg["reconciler.interval"],
-                   lean=resp.from_config(cfg))
+                   lean=lean, known=known)
 
     def _call(self, fn, *args, **kw):
         return call_redis(fn, *args, **kw)
@@ -486,9 +507,27 @@ class Store:
     # -- reads ------------------------------------------------------------------
 
     def resolve(self, refs: list[tuple[str, str, bool]]) -> list[Resolution]:
-        """Resolve ``(kind, ref, may_be_prefix)`` triples in one round trip."""
+        """Resolve ``(kind, ref, may_be_prefix)`` triples in one round trip
+        (none for one container reference whose answer :attr:`known` holds)."""
         if not refs:
             return []
+        if self.known is not None and len(refs) == 1 and refs[0][0] == "container":
+            return [self._resolve_kept(refs[0][1], refs[0][2])]
+        return self._resolve_many(refs)
+
+    def _resolve_kept(self, ref: str, pfx: bool) -> Resolution:
+        """One container reference: the kept answer, or Redis's (kept unless
+        ``none``: see :mod:`authz_plugin.known` for why it is the answer
+        Redis would give for as long as none of the keys it read changed)."""
+        known, key = self.known, (ref, pfx)
+        gen, res = known.begin(key)
+        if res is None:
+            res = self._resolve_many([("container", ref, pfx)])[0]
+            if res.how != "none":
+                known.keep(gen, key, res)
+        return res
+
+    def _resolve_many(self, refs: list[tuple[str, str, bool]]) -> list[Resolution]:
         if self.lean is not None:
             # packed as evalsha_many packs (kind, ref, PREFIX_LIMIT, "1"|"0",
             # host), the constant parts once per store: ~15 us less per hook

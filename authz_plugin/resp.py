@@ -159,7 +159,9 @@ class LeanRedis:
 
     # -- connections --------------------------------------------------------------------
 
-    def _connect(self) -> _Conn:
+    def connect_socket(self) -> socket.socket:
+        """A new blocking socket to this server, before any command (the
+        kernel's timeouts set); redis-py's exceptions on failure."""
         where = self.path or f"{self.host}:{self.port}"
         try:
             if self.path:
@@ -187,7 +189,10 @@ class LeanRedis:
         tv = struct.pack("ll", secs, usecs if secs or usecs else 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        conn = _Conn(sock)
+        return sock
+
+    def _connect(self) -> _Conn:
+        conn = _Conn(self.connect_socket())
         hello = self.handshake()
         if hello:
             try:

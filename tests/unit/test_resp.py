@@ -47,10 +47,11 @@ def _free_port() -> int:
 class RedisServer:
     """A private redis-server on 127.0.0.1 (no persistence); stop/start keep the port."""
 
-    def __init__(self, tmp, password: str | None = None):
+    def __init__(self, tmp, password: str | None = None, extra: tuple[str, ...] = ()):
         self.dir = tmp
         self.port = _free_port()
         self.password = password
+        self.extra = list(extra)  # more redis-server arguments
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -63,6 +64,7 @@ class RedisServer:
                 "--dir", str(self.dir)]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
