@@ -39,7 +39,9 @@ Contract (:class:`KnownRefs`):
   empties the memory; end of file or an error (Redis stopped, restarted,
   restored from a snapshot, failed over, killed the connection) empties it,
   closes the connection and stops all use of the memory until a new one is
-  set up -- a new Redis run always starts empty;
+  set up -- a new Redis run always starts empty; over TCP, keepalive probes
+  end a connection cut without a close (a partition) within about 3 s,
+  about the lean client's own timeout for a read (``redis.timeout``);
 * an answer is kept only if the same connection was open and silent from
   before the ``EVALSHA`` that gave it was sent until after its reply was
   read (:meth:`begin` returns a generation, :meth:`keep` checks it): a
@@ -54,6 +56,10 @@ Contract (:class:`KnownRefs`):
   meanwhile every read asks Redis as before;
 * at most ``size`` answers, the oldest forgotten first; after ``fork`` a
   child never uses its parent's connection or answers.
+
+Not reported by Redis 7.0, so not to be used on an FDCS Redis while plugins
+run: ``SWAPDB`` (the scale benchmark, which swaps databases under a running
+plugin, turns the memory off).
 
 Suspension, roles and everything but a container reference are decided as
 before; only where Redis would be asked the same question again does the
@@ -78,6 +84,9 @@ from . import resp
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY = 1.0
+#: TCP keepalive of the tracking connection (idle s, interval s, probes): a
+#: silent peer ends it within about 3 s
+KEEPALIVE = (1, 1, 2)
 _DRAIN = 65536
 
 
@@ -198,6 +207,13 @@ class KnownRefs:
             log.debug("ownership memory: cannot connect to Redis (%s)", e.__class__.__name__)
             return None
         try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # a connection cut without a close (a partition) must end the
+                # memory within seconds, as the lean client's timeout ends a read
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE[0])
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE[1])
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE[2])
             commands = [*self._handshake, ("HELLO", "3"),
                         ("CLIENT", "TRACKING", "ON", "BCAST", *[a for p in self.prefixes for a in ("PREFIX", p)])]
             replies = _exchange(sock, commands, self.timeout)

@@ -14,8 +14,13 @@ its own data-root, exec-root and socket) are measured side by side:
   (beside this file): the floor, what the engine's plugin machinery costs;
 * ``no-plugin`` -- no authorization plugin at all.
 
-By id, FDCS must ask Redis who owns the id (one ``EVALSHA``: ownership
-records are shared by every host).  So the by-id cases measure a fourth
+By id, FDCS asks Redis who owns the id (one ``EVALSHA``: ownership records
+are shared by every host) unless its worker kept Redis's answer
+(``authz_plugin/known.py``: kept until Redis reports a write to what the
+answer read; here the records do not change while measured, so after the
+warm-up the answers are kept: ``FDCS_REDIS_TRACK_REFS=false`` in the
+environment of ``fdcs-devstack up`` / this script measures every request
+asking Redis).  The by-id cases also measure a fourth
 path, ``allow-all+rt``: the ``allow-all`` engine with the header
 ``X-Bench-Redis: 1`` on every request, which makes its plugin do one
 minimal round trip to the stack's Redis (``EVALSHA`` of ``return 1``) per

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
 import pytest
@@ -21,7 +22,7 @@ from authz_plugin.errors import StoreUnavailable
 import re
 
 from authz_plugin import ownership
-from authz_plugin.known import KnownRefs
+from authz_plugin.known import KEEPALIVE, KnownRefs
 from authz_plugin.ownership import Resolution, Store, resolve_reads
 from tests.unit.conftest import cfg
 from tests.unit.test_resp import RedisServer, needs_redis
@@ -256,6 +257,18 @@ def test_refused_tracking_turns_the_memory_off_and_every_read_asks(tmp_path, cap
         assert sum("refused client tracking" in r.getMessage() for r in caplog.records) == 1
     finally:
         server.stop()
+
+
+def test_a_connection_cut_without_a_close_is_ended_by_keepalive(server):
+    """(A partition cannot be made on loopback here; what ends it is checked.)"""
+    s = _store(server)
+    s.add("container", C1, "t1", "t1_web")
+    _resolve(s, C1)
+    sock = s.known._sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    got = tuple(sock.getsockopt(socket.IPPROTO_TCP, o)
+                for o in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT))
+    assert got == KEEPALIVE and sum(KEEPALIVE) <= 5
 
 
 def test_a_kept_answer_is_not_used_once_redis_is_gone(server):
