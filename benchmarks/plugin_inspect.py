@@ -18,9 +18,11 @@ By id, FDCS asks Redis who owns the id (one ``EVALSHA``: ownership records
 are shared by every host) unless its worker kept Redis's answer
 (``authz_plugin/known.py``: kept until Redis reports a write to what the
 answer read; here the records do not change while measured, so after the
-warm-up the answers are kept: ``FDCS_REDIS_TRACK_REFS=false`` in the
-environment of ``fdcs-devstack up`` / this script measures every request
-asking Redis).  The by-id cases also measure a fourth
+warm-up the answers are kept.  To measure every request asking Redis, run
+with ``--keep-stack DIR`` on a stack whose Redis refuses tracking before the
+plugin's first request by id: ``redis-cli -p PORT ACL SETUSER default
+-client\|tracking``, the plugin then logs "Redis refused client tracking"
+and asks Redis every time).  The by-id cases also measure a fourth
 path, ``allow-all+rt``: the ``allow-all`` engine with the header
 ``X-Bench-Redis: 1`` on every request, which makes its plugin do one
 minimal round trip to the stack's Redis (``EVALSHA`` of ``return 1``) per
