@@ -32,24 +32,31 @@ Contract (:class:`KnownRefs`):
 
 * one connection per process to the same Redis as the lean client (same
   address, ``AUTH`` and ``SELECT``), in RESP3 with ``CLIENT TRACKING ON
-  BCAST`` and one ``PREFIX`` per tracked key; it sends no other command, so
-  anything it receives is an invalidation;
+  BCAST`` and one ``PREFIX`` per tracked key; it sends no other command
+  but ``PING`` (below), so anything it receives but ``PONG`` is an
+  invalidation;
 * before every answer from the memory and before every answer is kept, the
-  connection is read without blocking, under the memory's lock: any byte
-  empties the memory; end of file or an error (Redis stopped, restarted,
+  connection is read without blocking, under the memory's lock: anything
+  but ``PONG`` (an invalidation, a flush, bytes that are not RESP) empties
+  the memory; end of file or an error (Redis stopped, restarted,
   restored from a snapshot, failed over, killed the connection) empties it,
   closes the connection and stops all use of the memory until a new one is
-  set up -- a new Redis run always starts empty; over TCP, keepalive probes
-  end a connection cut without a close (a partition) within about 3 s,
-  about the lean client's own timeout for a read (``redis.timeout``);
+  set up -- a new Redis run always starts empty;
+* Redis must be heard: the watcher thread sends ``PING`` on the connection
+  every ``timeout / 4`` seconds, and the memory answers only while the last
+  ``PONG`` is less than ``timeout`` (``redis.timeout``, what a read waits
+  before "ownership store unavailable") old.  A Redis that is stopped,
+  hung or cut off by a partition without a close is therefore "unavailable"
+  to kept answers as soon as to a read; when it is heard again, the memory
+  starts empty;
 * an answer is kept only if the same connection was open and silent from
   before the ``EVALSHA`` that gave it was sent until after its reply was
   read (:meth:`begin` returns a generation, :meth:`keep` checks it): a
   change made while the read was in flight is never missed;
-* a watcher thread waits (``select``, without reading) for the connection
-  to become readable and then drains it under the lock, so that an idle
-  worker neither lets Redis buffer invalidations without bound nor keeps a
-  stale answer;
+* the watcher thread also waits (``select``, without reading) for the
+  connection to become readable and then drains it under the lock, so
+  that an idle worker neither lets Redis buffer invalidations without bound
+  nor keeps a stale answer;
 * when Redis refuses tracking (older than 6, a proxy, ``CLIENT`` renamed
   away) the memory is off for the process's life and a warning is logged
   once; when it cannot connect, it tries again at most once per second, and
@@ -84,10 +91,8 @@ from . import resp
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY = 1.0
-#: TCP keepalive of the tracking connection (idle s, interval s, probes): a
-#: silent peer ends it within about 3 s
-KEEPALIVE = (1, 1, 2)
 _DRAIN = 65536
+_PING = resp.pack(("PING",))
 
 
 class KnownRefs:
@@ -102,34 +107,38 @@ class KnownRefs:
     """
 
     def __init__(self, connect: Callable[[], socket.socket], prefixes: tuple[str, ...],
-                 handshake: list[tuple] | None = None, size: int = 4096, timeout: float = 1.0,
+                 handshake: list[tuple] | None = None, size: int = 4096, timeout: float = 2.0,
                  clock: Callable[[], float] = time.monotonic):
         self._connect = connect
         self.prefixes = tuple(prefixes)
         self._handshake = list(handshake or ())
         self.size = size
-        self.timeout = timeout
+        self.timeout = timeout  # a PONG older than this: Redis is not heard, nothing answered
+        self.heartbeat = timeout / 4
         self._clock = clock
         self._lock = threading.Lock()
         self._kept: dict[Hashable, Any] = {}
         self._sock: socket.socket | None = None
+        self._reader: hiredis.Reader | None = None
+        self._pong = 0.0  # when Redis last answered (self._clock)
         self._gen = 0  # +1 whenever the memory is emptied or the connection changes
         self._retry_at = 0.0
         self.off = False  # Redis refused tracking: never again in this process
         self._watcher: threading.Thread | None = None
         # a child of fork starts with nothing of its parent's: no socket, no
-        # ids, a lock no dead thread may hold
+        # answers, a lock no dead thread may hold
         after = weakref.WeakMethod(self._after_fork)
         os.register_at_fork(after_in_child=lambda: (m := after()) is not None and m())
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
-        self._sock, self._kept, self._watcher = None, {}, None
+        self._sock, self._reader, self._kept, self._watcher = None, None, {}, None
         self._gen += 1
 
     @classmethod
     def for_lean(cls, lean: resp.LeanRedis, prefixes: tuple[str, ...], size: int = 4096) -> "KnownRefs":
-        """A memory on the server ``lean`` speaks to, with its credentials."""
+        """A memory on the server ``lean`` speaks to, with its credentials
+        and its timeout."""
         return cls(lean.connect_socket, prefixes, lean.handshake(), size=size, timeout=lean.timeout)
 
     # -- the two calls of a read --------------------------------------------------------
@@ -163,13 +172,15 @@ class KnownRefs:
     # -- the connection (always under the lock) -----------------------------------------
 
     def _forget(self) -> None:
-        self._kept.clear()
+        if self._kept:
+            self._kept.clear()
         self._gen += 1
 
-    def _drop(self) -> None:
-        sock, self._sock = self._sock, None
+    def _drop(self, why: str) -> None:
+        sock, self._sock, self._reader = self._sock, None, None
         self._forget()
         if sock is not None:
+            log.info("the ownership memory's Redis connection %s; kept answers forgotten", why)
             try:
                 sock.close()
             except OSError:
@@ -177,7 +188,7 @@ class KnownRefs:
 
     def _sync(self) -> int | None:
         """Read what Redis pushed; the generation to answer and keep under,
-        or None when there is no tracking connection."""
+        or None when there is no tracking connection or Redis is not heard."""
         sock = self._sock
         if sock is None:
             if self.off or self._clock() < self._retry_at:
@@ -185,18 +196,31 @@ class KnownRefs:
             sock = self._open()
             if sock is None:
                 return None
+        reader = self._reader
         while True:
             try:
                 data = sock.recv(_DRAIN, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
-                return self._gen
+                break
             except OSError:
                 data = b""
             if not data:
-                log.info("the ownership memory's Redis connection closed; kept answers forgotten")
-                self._drop()
+                self._drop("closed")
                 return None
-            self._forget()  # an invalidation (or a flush): the only thing this connection receives
+            reader.feed(data)
+            try:
+                while (reply := reader.gets()) is not False:
+                    if reply == "PONG":
+                        self._pong = self._clock()
+                    else:  # an invalidation (or a flush): forget everything
+                        self._forget()
+            except (hiredis.ProtocolError, UnicodeDecodeError):
+                self._drop("sent bytes that are not RESP")
+                return None
+        if self._clock() - self._pong > self.timeout:
+            self._forget()  # not heard: answer nothing until it is (and start empty then)
+            return None
+        return self._gen
 
     def _open(self) -> socket.socket | None:
         """Set up the tracking connection; None when it cannot be (and why is logged)."""
@@ -207,13 +231,6 @@ class KnownRefs:
             log.debug("ownership memory: cannot connect to Redis (%s)", e.__class__.__name__)
             return None
         try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # a connection cut without a close (a partition) must end the
-                # memory within seconds, as the lean client's timeout ends a read
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE[0])
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE[1])
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE[2])
             commands = [*self._handshake, ("HELLO", "3"),
                         ("CLIENT", "TRACKING", "ON", "BCAST", *[a for p in self.prefixes for a in ("PREFIX", p)])]
             replies = _exchange(sock, commands, self.timeout)
@@ -231,7 +248,8 @@ class KnownRefs:
                             "container reference (with Redis 6 or newer and CLIENT allowed it keeps answers)",
                             cmd[0], reply)
                 return None
-        self._sock = sock
+        self._sock, self._reader = sock, hiredis.Reader(encoding="utf-8")
+        self._pong = self._clock()  # (it just answered)
         self._forget()  # (nothing kept before this connection counts)
         if self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="fdcs-known-refs", daemon=True)
@@ -239,20 +257,31 @@ class KnownRefs:
         return sock
 
     def _watch(self) -> None:
-        """Wait for pushed bytes without reading them, then drain under the lock."""
+        """Every ``heartbeat``: ``PING``; in between, wait for pushed bytes
+        without reading them, and drain them under the lock."""
         me = threading.current_thread()
         while self._watcher is me:
-            sock = self._sock
+            with self._lock:
+                sock = self._sock
+                if sock is not None:
+                    try:
+                        sock.send(_PING, socket.MSG_DONTWAIT)  # (a few bytes: never more than the buffer)
+                    except OSError:
+                        self._drop("failed")
+                        sock = None
             if sock is None:
-                time.sleep(RECONNECT_DELAY)
+                time.sleep(self.heartbeat)
                 continue
-            try:
-                ready, _, _ = select.select([sock], [], [], RECONNECT_DELAY)
-            except (OSError, ValueError):  # closed meanwhile by a request's drain
-                ready = []
-            if ready:
-                with self._lock:
-                    if self._sock is sock:
+            until = time.monotonic() + self.heartbeat
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    ready, _, _ = select.select([sock], [], [], left)
+                except (OSError, ValueError):  # closed meanwhile by a request's drain
+                    break
+                if ready:
+                    with self._lock:
+                        if self._sock is not sock:
+                            break
                         self._sync()
 
 

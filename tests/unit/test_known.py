@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
+import signal
 import time
 
 import pytest
@@ -22,7 +22,7 @@ from authz_plugin.errors import StoreUnavailable
 import re
 
 from authz_plugin import ownership
-from authz_plugin.known import KEEPALIVE, KnownRefs
+from authz_plugin.known import KnownRefs
 from authz_plugin.ownership import Resolution, Store, resolve_reads
 from tests.unit.conftest import cfg
 from tests.unit.test_resp import RedisServer, needs_redis
@@ -259,16 +259,34 @@ def test_refused_tracking_turns_the_memory_off_and_every_read_asks(tmp_path, cap
         server.stop()
 
 
-def test_a_connection_cut_without_a_close_is_ended_by_keepalive(server):
-    """(A partition cannot be made on loopback here; what ends it is checked.)"""
-    s = _store(server)
+def test_a_redis_not_heard_within_the_timeout_answers_nothing_until_it_is(server):
+    """A stopped Redis (as one hung, or cut off by a partition without a
+    close): kept answers end as a read would, after ``timeout``."""
+    lean = resp.LeanRedis.from_url(server.url, 0.4)
+    s = Store(server.client(), host="h1", lean=lean, known=KnownRefs.for_lean(lean, resolve_reads("h1")))
+    s.mark_complete(0)
     s.add("container", C1, "t1", "t1_web")
     _resolve(s, C1)
+    assert s.known.begin((C1, True))[1] is not None  # positive control: kept, and Redis heard
+    time.sleep(3 * s.known.heartbeat)
+    assert s.known.begin((C1, True))[1] is not None  # heard by its heartbeat alone (no read in between)
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 10
+        while s.known.begin((C1, True))[1] is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.known.begin((C1, True)) == (None, None)
+        with pytest.raises(StoreUnavailable):  # asked, as without the memory: "unavailable"
+            _resolve(s, C1)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    # heard again: asked once, then kept again (on the same connection)
     sock = s.known._sock
-    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-    got = tuple(sock.getsockopt(socket.IPPROTO_TCP, o)
-                for o in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT))
-    assert got == KEEPALIVE and sum(KEEPALIVE) <= 5
+    deadline = time.monotonic() + 10
+    while s.known.begin((C1, True))[0] is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _asks(server, s, C1) == (Resolution("id", ((C1, "t1"),)), 1)
+    assert _asks(server, s, C1)[1] == 0 and s.known._sock is sock
 
 
 def test_a_kept_answer_is_not_used_once_redis_is_gone(server):
