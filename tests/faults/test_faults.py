@@ -467,6 +467,37 @@ def test_redis_refusing_writes_refuses_named_creates_and_reads_still_decide(fsta
         alice("rm", "-f", new, check=False)
 
 
+def test_redis_hung_refuses_even_what_plugin_workers_kept_and_comes_back(fstack, holdings):
+    """A stopped Redis (as one hung, or cut off without a close): once
+    ``redis.timeout`` has passed, nothing of a tenant's is allowed -- the
+    answers plugin workers kept (authz_plugin/known.py) end then, as does
+    their memory of suspended tenants (which alone would refuse here; the
+    kept answers' own end is held by tests/unit/test_known.py) -- and
+    everything works again once Redis answers."""
+    s = fstack
+    alice = s.tenant(1)
+    _, cid = holdings.first
+    for _ in range(6):  # the answer kept by whichever workers serve the engine's connections
+        assert alice("inspect", "--type", "container", "-f", "{{.Id}}", cid).stdout.strip() == cid
+    seen: list[str] = []
+
+    def refused() -> bool:
+        p = alice("inspect", "--type", "container", "-f", "{{.Id}}", cid, check=False)
+        seen.append(p.stderr.strip() if p.returncode else "allowed")
+        return p.returncode != 0
+
+    pid = s.pause("redis")
+    try:
+        wait_for(refused, timeout=30, interval=0.1, what="a refusal while Redis is stopped")
+        for _ in range(3):  # and every request after it
+            assert refused(), seen
+        assert all("ownership store unavailable" in e and RETRY in e for e in seen if e != "allowed"), seen
+    finally:
+        s.resume(pid)
+    wait_for(lambda: not refused(), timeout=60, what="alice's inspect allowed again")
+    holdings.check()
+
+
 def test_redis_refusing_writes_leaves_no_unrecorded_resource(fstack, holdings):
     """Finding F1 (fixed since by the request hook's admission record, a
     write before the engine acts): a create that needs no Redis read
