@@ -14,7 +14,7 @@ prefixes is written, deleted, expired, evicted or flushed, by anyone.
 
 What is kept: a container reference's answer ``id``, ``name`` or ``prefix``
 (never ``none``: it also reads whether the records are complete on this
-Redis run).  Those answers read only the keys ``ownership.RESOLVE_READS``
+Redis run).  Those answers read only the keys ``ownership.resolve_reads``
 lists (the ownership and host hashes, this host's names, unowned names and
 id index), so while none of those keys changed, Redis would answer the same.
 
