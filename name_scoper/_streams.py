@@ -41,15 +41,8 @@ from typing import Callable
 
 from . import http1
 
-#: largest piece ``TLSStream.recv`` assembles before returning (from what
-#: is already buffered: it never waits to fill it).  As much as the
-#: transport reads at once (uvloop: 256,000 bytes): a bulk upload then takes
-#: one pass through the HTTP parser and one write to the engine per read,
-#: not four (about 10 % of the scoper's CPU per ``docker cp`` in).
-RECV_SIZE = 256 * 1024
-#: what one ``SSLObject.read`` asks for: a TLS record holds at most 16 KiB,
-#: and read() allocates what it is asked for before it knows
-_RECORD_READ = 64 * 1024
+#: largest piece ``TLSStream.recv`` assembles before returning
+RECV_SIZE = 64 * 1024
 #: unread bytes buffered before the transport stops reading the socket
 READ_LIMIT = 256 * 1024
 #: queued bytes over which ``drain()`` waits
@@ -279,7 +272,7 @@ class TLSStream:
             want = not (inbio.pending or inbio.eof or obj.pending())
             if not want:
                 try:
-                    data = obj.read(_RECORD_READ)
+                    data = obj.read(RECV_SIZE)
                 except ssl.SSLWantReadError:  # a partial record
                     want = True
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):

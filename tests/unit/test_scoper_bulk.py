@@ -1,27 +1,19 @@
 """The name scoper's bulk-transfer settings: glibc malloc told to keep the
 memory of large blocks (``server.tune_malloc``, tried in a child process:
-it is process-wide), and ``TLSStream.recv`` handing on up to ``RECV_SIZE``
-of what is already buffered, never waiting to fill it."""
+it is process-wide)."""
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import json
 import os
-import ssl
 import subprocess
 import sys
 import textwrap
 
 import pytest
-import uvloop
 
 from name_scoper import _streams
-from name_scoper._streams import TLSStream, server_context
 from name_scoper.server import MALLOC_MMAP_THRESHOLD
-
-from .test_proxy import tls  # noqa: F401  (the session's throwaway CA and certificates)
 
 glibc = pytest.mark.skipif(not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"), reason="glibc only")
 
@@ -89,67 +81,3 @@ def test_the_threshold_covers_what_a_stream_allocates():
     # the largest blocks of the upload path: a whole TLSStream.recv piece
     # (plus a record) and uvloop's 256,000-byte reads
     assert MALLOC_MMAP_THRESHOLD >= _streams.RECV_SIZE + 16 * 1024 and MALLOC_MMAP_THRESHOLD >= 256_000
-
-
-# -- TLSStream.recv ---------------------------------------------------------------------------
-
-
-class _Raw:
-    """The RawStream interface TLSStream uses, over a queue of byte strings;
-    ``recv`` on an empty queue fails the test (nothing may wait for it)."""
-
-    def __init__(self):
-        self.incoming: collections.deque[bytes] = collections.deque()
-        self.reads = 0
-        self.lost = False
-
-    async def recv(self) -> bytes:
-        assert self.incoming, "TLSStream.recv waited for more than was buffered"
-        self.reads += 1
-        return self.incoming.popleft()
-
-    def write(self, data) -> None:
-        raise AssertionError("nothing to send after the handshake")
-
-
-def _handshaken(tls) -> tuple[_Raw, TLSStream, ssl.SSLObject, ssl.MemoryBIO]:  # noqa: F811
-    """(its _Raw, a server TLSStream, the client's SSLObject and outgoing
-    BIO), the handshake done in memory, step by step."""
-    raw = _Raw()
-    server = TLSStream(raw, server_context(tls.server_cert, tls.server_key))
-    cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = ssl.create_default_context(cafile=tls.ca).wrap_bio(cin, cout, server_hostname="localhost")
-    for _ in range(10):
-        done = 0
-        for obj in (client, server._obj):
-            try:
-                obj.do_handshake()
-                done += 1
-            except ssl.SSLWantReadError:
-                pass
-        server._in.write(cout.read())
-        cin.write(server._out.read())
-        if done == 2:
-            return raw, server, client, cout
-    raise AssertionError("the in-memory handshake did not finish")
-
-
-def test_tls_recv_hands_on_up_to_recv_size_of_what_is_buffered(tls):  # noqa: F811
-    raw, server, client, cout = _handshaken(tls)
-    body = os.urandom(600 * 1024)
-    client.write(body)  # records of at most 16 KiB
-    raw.incoming.append(cout.read())  # all of it arrives at once
-
-    async def go():
-        pieces = []
-        while sum(map(len, pieces)) < len(body):
-            pieces.append(await server.recv())
-        return pieces
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as r:
-        pieces = r.run(go())
-    assert b"".join(pieces) == body
-    assert raw.reads == 1  # the last, short piece came without waiting for more
-    assert len(pieces[0]) >= _streams.RECV_SIZE > 64 * 1024
-    assert all(len(p) < _streams.RECV_SIZE + 16 * 1024 for p in pieces)
-    assert len(pieces) == 3  # 600 KiB: two full pieces and the rest
