@@ -166,7 +166,6 @@ return out
 """
 
 
-
 def resolve_reads(host: str) -> tuple[str, ...]:
     """Every key ``_RESOLVE`` reads for a container reference it answers
     ``id``, ``name`` or ``prefix`` on ``host`` (``none`` also reads

@@ -25,31 +25,24 @@ from authz_plugin import ownership
 from authz_plugin.known import KnownRefs
 from authz_plugin.ownership import Resolution, Store, resolve_reads
 from tests.unit.conftest import cfg
-from tests.unit.test_resp import RedisServer, needs_redis
+from tests.unit.test_resp import RedisServer, needs_redis, server  # noqa: F401 -- (server: a fixture)
 
 pytestmark = needs_redis
 
 C1, C2, C3 = "a1" * 32, "b2" * 32, "c3" * 32
 
 
-@pytest.fixture
-def server(tmp_path):
-    s = RedisServer(tmp_path)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
 def _evalshas(server) -> int:
     return int(server.client().info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def _store(server, size: int = 4096) -> Store:
-    """Host h1's plugin store with the memory, records complete."""
-    lean = resp.LeanRedis.from_url(server.url, 1.0)
-    s = Store(server.client(), host="h1", lean=lean, known=KnownRefs.for_lean(lean, resolve_reads("h1"), size=size))
+def _store(server, size: int = 4096, timeout: float = 1.0, clock=time.monotonic) -> Store:
+    """Host h1's plugin store with the memory (as ``KnownRefs.for_lean``
+    makes it, with ``clock``), records complete."""
+    lean = resp.LeanRedis.from_url(server.url, timeout)
+    known = KnownRefs(lean.connect_socket, resolve_reads("h1"), lean.handshake(), size=size, timeout=timeout,
+                      clock=clock)
+    s = Store(server.client(), host="h1", lean=lean, known=known)
     s.mark_complete(0)
     s.resolve([("container", "warm-up", False)])  # the script loaded: one EVALSHA per read from here on
     return s
@@ -74,7 +67,7 @@ def _asks(server, store: Store, ref: str) -> tuple[Resolution, int]:
 def test_a_kept_owner_answers_without_asking_redis_the_same_answer(server):
     s = _store(server)
     s.add("container", C1, "t1", "t1_web")
-    plain = Store(server.client(), host="h1")  # no memory: what Redis answers
+    plain = _other(server)  # no memory: what Redis answers
     first, n1 = _asks(server, s, C1)
     second, n2 = _asks(server, s, C1)
     assert n1 >= 1 and n2 == 0  # (n1: a NOSCRIPT load may double it)
@@ -120,10 +113,8 @@ def test_a_flush_forgets_and_the_read_says_retry(server):
 
 def test_a_redis_restart_forgets_and_keeps_nothing_until_tracking_is_back(server):
     now = [1000.0]
-    lean = resp.LeanRedis.from_url(server.url, 1.0)
-    known = KnownRefs(lean.connect_socket, resolve_reads("h1"), lean.handshake(), clock=lambda: now[0])
-    s = Store(server.client(), host="h1", lean=lean, known=known)
-    s.mark_complete(0)
+    s = _store(server, clock=lambda: now[0])
+    known = s.known
     s.add("container", C1, "t1", "t1_web")
     _resolve(s, C1)
     assert len(known) == 1
@@ -160,7 +151,7 @@ def test_id_name_and_prefix_answers_are_kept_none_and_the_rest_never(server):
     s.add("container", C1, "t1", "t1_web")
     s.add("container", C2, "t2", "t2_db")
     s.add_volume_if_new("v1", "t1")
-    plain = Store(server.client(), host="h1")
+    plain = _other(server)
     for ref, pfx in ((C1, True), ("t1_web", False), ("a1a1", True), ("t2_db", True)):
         redis_says = plain.resolve([("container", ref, pfx)])
         before = _evalshas(server)
@@ -262,9 +253,7 @@ def test_refused_tracking_turns_the_memory_off_and_every_read_asks(tmp_path, cap
 def test_a_redis_not_heard_within_the_timeout_answers_nothing_until_it_is(server):
     """A stopped Redis (as one hung, or cut off by a partition without a
     close): kept answers end as a read would, after ``timeout``."""
-    lean = resp.LeanRedis.from_url(server.url, 0.4)
-    s = Store(server.client(), host="h1", lean=lean, known=KnownRefs.for_lean(lean, resolve_reads("h1")))
-    s.mark_complete(0)
+    s = _store(server, timeout=0.4)
     s.add("container", C1, "t1", "t1_web")
     _resolve(s, C1)
     assert s.known.begin((C1, True))[1] is not None  # positive control: kept, and Redis heard
